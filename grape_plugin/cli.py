@@ -1,0 +1,130 @@
+"""``grape-plugin``: preview and select GRAPE data, list plugins, export the embedded model."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any, Optional, Sequence
+
+from .config import GrapeConfig, load_config_file
+from .errors import GrapeError
+
+# flag -> GrapeConfig field, for the options shared by preview and select
+OPTIONS: dict[str, dict[str, Any]] = {
+    "--model": {"help": "local folder, hub id or .gguf file (default: the embedded SmolLM2)"},
+    "--revision": {"help": "hub revision of --model"},
+    "--template": {"help": "paper (default), chat, or a registered renderer"},
+    "--top-k": {"type": int, "help": "responses kept per instruction (default 1)"},
+    "--strategy": {"help": "best (GRAPE, default), worst, random, or a registered selector"},
+    "--seed": {"type": int, "help": "seed of --strategy random"},
+    "--budget": {"type": int, "help": "keep the N instructions whose selected responses fit best"},
+    "--budget-fraction": {"type": float, "help": "keep this fraction of instructions instead"},
+    "--min-candidates": {"type": int, "help": "drop instructions with fewer distinct responses (default 1)"},
+    "--batch-tokens": {"type": int, "help": "padded tokens per forward pass (default 4096)"},
+    "--max-length": {"type": int, "help": "longest prompt+response in tokens"},
+    "--over-length": {"choices": ["drop", "truncate"], "help": "what to do with longer sequences (default drop)"},
+    "--device": {"help": "auto (default), cpu, cuda, cuda:1, ..."},
+    "--dtype": {"choices": ["auto", "fp32", "bf16", "fp16"], "help": "auto: fp32 on CPU, bf16 on CUDA"},
+    "--format": {"help": "input shape: auto (default), long, list, messages, preference"},
+    "--id-column": {"help": "column that groups rows of one instruction (default: id, else the prompt)"},
+    "--source-column": {"help": "column naming each response's source (default: generator/source/model)"},
+    "--response-column": {"help": "column with the response in long rows"},
+    "--candidates-column": {"help": "column with a list of candidate responses"},
+    "--cache-dir": {"help": "where scores persist (default ~/.cache/grape-plugin)"},
+}
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("data", help="JSON, JSONL, Parquet, CSV file or saved dataset folder")
+    parser.add_argument("--config", help="YAML file with the same keys (a top-level grape: block is fine)")
+    parser.add_argument("--no-cache", action="store_true", help="neither read nor write the score cache")
+    parser.add_argument("--trust-remote-code", action="store_true", default=None, help="run the model's own code")
+    for flag, kwargs in OPTIONS.items():
+        parser.add_argument(flag, default=None, **kwargs)
+
+
+def build_config(args: argparse.Namespace) -> GrapeConfig:
+    """The config file's keys, overridden by the flags given on the command line."""
+    values: dict[str, Any] = load_config_file(args.config) if args.config else {}
+    names = [f.lstrip("-").replace("-", "_") for f in OPTIONS] + ["trust_remote_code"]
+    values.update({n: getattr(args, n) for n in names if getattr(args, n) is not None})
+    if args.no_cache:
+        values["cache_dir"] = None
+    return GrapeConfig.from_mapping(values, where=args.config or "options")
+
+
+def cmd_preview(args: argparse.Namespace) -> None:
+    from .models import resolve_model
+    from .pipeline import run
+    from .report import preview_text
+
+    cfg = build_config(args)
+    if cfg.model is None:
+        print(f"no --model given: scoring with the embedded SmolLM2-135M-Instruct ({resolve_model(None)})")
+    _, selection = run(args.data, cfg, limit=args.limit)
+    print(preview_text(selection))
+
+
+def cmd_select(args: argparse.Namespace) -> None:
+    from .pipeline import run, write
+    from .report import summary_text
+
+    cfg = build_config(args)
+    data, selection = run(args.data, cfg, limit=args.limit)
+    paths = write(data, selection, args.output)
+    print(summary_text(selection))
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+
+
+def cmd_plugins(args: argparse.Namespace) -> None:
+    from .plugins import KINDS, load_plugins, registry
+
+    pm = load_plugins()
+    print("plugins: " + ", ".join(sorted(name for name, _ in pm.list_name_plugin())))
+    for kind in KINDS:
+        print(f"{kind}: {', '.join(registry(kind))}")
+
+
+def cmd_export_model(args: argparse.Namespace) -> None:
+    from .models import export_model
+
+    print(f"wrote {export_model(args.model, args.output)}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="grape-plugin", description="GRAPE: keep the responses your base model fits best.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True)
+    pre = sub.add_parser("preview", help="score a sample and show every candidate and the winner")
+    add_options(pre)
+    pre.add_argument("--limit", type=int, default=20, help="instructions to score (default 20)")
+    pre.set_defaults(func=cmd_preview)
+    sel = sub.add_parser("select", help="write the selected dataset, a scores table and a report")
+    add_options(sel)
+    sel.add_argument("-o", "--output", required=True, help="output folder")
+    sel.add_argument("--limit", type=int, default=None, help="only the first N instructions")
+    sel.set_defaults(func=cmd_select)
+    plug = sub.add_parser("plugins", help="list the registered formats, renderers, scorers and selectors")
+    plug.set_defaults(func=cmd_plugins)
+    exp = sub.add_parser("export-model", help="save a model (default: the embedded SmolLM2) as a plain folder")
+    exp.add_argument("output", help="folder to write")
+    exp.add_argument("--model", default=None, help="model to export (default: the embedded SmolLM2)")
+    exp.set_defaults(func=cmd_export_model)
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        args.func(args)
+    except GrapeError as exc:
+        print(f"grape-plugin: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Read JSON, JSONL, Parquet, CSV and saved HF datasets through ``datasets``; write selections back.
+
+Errors name the file and the row: when ``datasets`` cannot parse a JSON file, the file is re-read line by
+line to find the first bad row.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import GrapeError, input_error
+
+BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def read_dataset(path: str | Path) -> Any:
+    """A ``datasets.Dataset`` of the file's rows (the ``train`` split of a saved DatasetDict)."""
+    import datasets
+
+    path = Path(path)
+    if not path.exists():
+        raise GrapeError(f"{path}: no such file or folder")
+    if path.is_dir():
+        try:
+            data = datasets.load_from_disk(str(path))
+        except (FileNotFoundError, ValueError) as exc:
+            raise GrapeError(f"{path}: not a saved Hugging Face dataset ({exc})") from None
+        if isinstance(data, datasets.DatasetDict):
+            data = data["train"] if "train" in data else next(iter(data.values()))
+        return data
+    builder = BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise GrapeError(f"{path}: unsupported file type; expected {', '.join(BUILDERS)} or a saved dataset folder")
+    if path.stat().st_size == 0:
+        raise GrapeError(f"{path}: the file is empty")
+    try:
+        data = datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as exc:  # datasets raises many types; find the row ourselves where we can
+        if builder == "json":
+            find_bad_json(path)
+        raise GrapeError(f"{path}: cannot read it: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    if len(data) == 0:
+        raise GrapeError(f"{path}: the file has no rows")
+    return data
+
+
+def find_bad_json(path: Path) -> None:
+    """Raise an error naming the first row that is not a JSON object, or whose field types disagree."""
+    text = path.read_text(encoding="utf-8")
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise GrapeError(f"{path}: line {exc.lineno}: not valid JSON: {exc.msg}") from None
+    else:
+        rows = []
+        for n, line in enumerate(text.splitlines()):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise GrapeError(f"{path}: line {n + 1}: not valid JSON: {exc.msg}") from None
+    types: dict[str, tuple[str, int]] = {}
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict):
+            raise input_error(str(path), i, None, f"expected a JSON object, got {type(row).__name__}")
+        for key, value in row.items():
+            kind = type(value).__name__
+            if value is not None and types.setdefault(key, (kind, i))[0] != kind:
+                first, at = types[key]
+                raise input_error(str(path), i, key, f"is a {kind}, but row {at + 1} has a {first}")
+
+
+def write_dataset(data: Any, out_dir: Path, stem: str, like: Path) -> Path:
+    """Write ``data`` into ``out_dir`` in the same kind of file as ``like`` (JSONL for JSON input)."""
+    suffix = like.suffix.lower() if like.is_file() else ""
+    if suffix == ".parquet":
+        target = out_dir / f"{stem}.parquet"
+        data.to_parquet(str(target))
+    elif suffix == ".csv":
+        target = out_dir / f"{stem}.csv"
+        data.to_csv(str(target), index=False)
+    elif suffix in (".json", ".jsonl"):
+        target = out_dir / f"{stem}.jsonl"
+        data.to_json(str(target), lines=True, force_ascii=False)
+    else:
+        target = out_dir / stem
+        data.save_to_disk(str(target))
+    return target

@@ -1,0 +1,28 @@
+"""pluggy hook specifications. Each hook hands a ``register(name, obj)`` callback; built-ins use them too."""
+
+from __future__ import annotations
+
+from pluggy import HookimplMarker, HookspecMarker
+
+hookspec = HookspecMarker("grape_plugin")
+hookimpl = HookimplMarker("grape_plugin")
+
+
+@hookspec
+def grape_register_formats(register):
+    """Register input shapes: ``register(name, Format)``."""
+
+
+@hookspec
+def grape_register_renderers(register):
+    """Register templates: ``register(name, factory)``, ``factory(tokenizer, cfg) -> render(prompt, response)``."""
+
+
+@hookspec
+def grape_register_scorers(register):
+    """Register scorers: ``register(name, factory)``, ``factory(cfg) -> Scorer``."""
+
+
+@hookspec
+def grape_register_selectors(register):
+    """Register selection strategies: ``register(name, Selector)``."""

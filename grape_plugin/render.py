@@ -1,0 +1,99 @@
+"""Render (prompt, response) into token ids with the exact span of response tokens.
+
+Convention, used by every built-in template: the whole text (prompt + response) is tokenised once, and
+the response span is the run of tokens whose character offsets overlap the response's characters in that
+text. The scored ids are the ids the model sees; no substring is ever re-tokenised. The first response
+token may carry the separator before it (BPE merges " Hello" into one token). Tokens after the response
+(EOS, a chat template's end-of-turn) are not scored, as in the paper.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from .candidates import Message
+from .errors import GrapeError
+from .hookspecs import hookimpl
+
+
+@dataclass(frozen=True)
+class Rendered:
+    """Token ids and the half-open span ``[start, end)`` of response tokens within them."""
+
+    input_ids: tuple[int, ...]
+    start: int
+    end: int
+
+    @property
+    def n_tokens(self) -> int:
+        return self.end - self.start
+
+
+Renderer = Callable[[list[Message], str], Rendered]
+
+
+def render_text(tokenizer: Any, text: str, char_start: int, char_end: int, add_special_tokens: bool) -> Rendered:
+    """Tokenise ``text`` once; the response is every token overlapping ``text[char_start:char_end]``."""
+    try:
+        enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+    except NotImplementedError:
+        raise GrapeError(
+            f"tokenizer {type(tokenizer).__name__} gives no character offsets; a fast (Rust) tokenizer is needed"
+        ) from None
+    span = [t for t, (a, b) in enumerate(enc["offset_mapping"]) if b > a and b > char_start and a < char_end]
+    if not span:
+        raise GrapeError("the response rendered to no tokens")
+    return Rendered(tuple(enc["input_ids"]), span[0], span[-1] + 1)
+
+
+def paper_prompt(prompt: list[Message]) -> str:
+    """The paper's ``Question: {instruction}\\nAnswer: `` (earlier turns and a system message come first)."""
+    lines = []
+    for msg in prompt:
+        label = {"system": "", "user": "Question: ", "assistant": "Answer: "}[msg["role"]]
+        lines.append(label + msg["content"])
+    return "\n".join(lines) + "\nAnswer: "
+
+
+def paper_renderer(tokenizer: Any, cfg: Any = None) -> Renderer:
+    """The paper's template: ``Question: {instruction}\\nAnswer: {response}``, with the tokenizer's BOS."""
+
+    def render(prompt: list[Message], response: str) -> Rendered:
+        head = paper_prompt(prompt)
+        return render_text(tokenizer, head + response, len(head), len(head) + len(response), True)
+
+    return render
+
+
+def chat_renderer(tokenizer: Any, cfg: Any = None) -> Renderer:
+    """The tokenizer's own chat template; the response is located inside the rendered conversation."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise GrapeError("--template chat: the model's tokenizer has no chat template; use --template paper")
+
+    def render(prompt: list[Message], response: str) -> Rendered:
+        head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
+        begin = len(head) if text.startswith(head) else 0
+        for needle in (response, response.strip()):
+            at = text.find(needle, begin)
+            if at >= 0:
+                return render_text(tokenizer, text, at, at + len(needle), False)
+        raise GrapeError("the chat template changed the response text; cannot locate it to score")
+
+    return render
+
+
+def fit_length(item: Rendered, max_length: Optional[int], policy: str) -> Optional[Rendered]:
+    """Apply ``max_length``: ``drop`` returns None for a long sequence, ``truncate`` cuts the response."""
+    if max_length is None or len(item.input_ids) <= max_length:
+        return item
+    if policy == "truncate" and item.start < max_length:
+        return Rendered(item.input_ids[:max_length], item.start, min(item.end, max_length))
+    return None
+
+
+@hookimpl
+def grape_register_renderers(register: Callable[[str, Callable[..., Renderer]], None]) -> None:
+    register("paper", paper_renderer)
+    register("chat", chat_renderer)

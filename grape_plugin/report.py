@@ -1,0 +1,75 @@
+"""What a run did, for people: a summary (JSON and terminal) and the per-instruction preview."""
+
+from __future__ import annotations
+
+import statistics
+from collections import Counter
+from typing import Any
+
+from .pipeline import Selection
+
+
+def summary(selection: Selection) -> dict[str, Any]:
+    """Counts, drops by reason, wins per source and the spread of scores."""
+    wins: Counter = Counter()
+    gaps = []
+    for g in selection.groups:
+        for i in selection.kept.get(g.key, []):
+            wins[g.candidates[i].source or "(none)"] += 1
+        means = sorted((selection.scores[(g.key, c.index)].mean for c in g.candidates if (g.key, c.index) in selection.scores), reverse=True)
+        if len(means) > 1:
+            gaps.append(means[0] - means[1])
+    scored = [s.mean for s in selection.scores.values()]
+    return {
+        **selection.stats,
+        "instructions_kept": len(selection.kept),
+        "candidates_kept": sum(len(v) for v in selection.kept.values()),
+        "dropped": dict(sorted(selection.drops.items())),
+        "wins_per_source": dict(wins.most_common()),
+        "score": {
+            "min": min(scored, default=None),
+            "median": statistics.median(scored) if scored else None,
+            "max": max(scored, default=None),
+            "median_gap_best_to_second": statistics.median(gaps) if gaps else None,
+        },
+    }
+
+
+def clip(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else text[: width - 1] + "…"
+
+
+def preview_text(selection: Selection, width: int = 100) -> str:
+    """Every instruction with its candidates (source, score, tokens, winner marked), then the summary."""
+    lines = ["  (* kept)  source                           score tokens  response"]
+    for g in selection.groups:
+        kept = selection.kept.get(g.key, [])
+        lines.append(f"\n[{g.key}] {clip(g.prompt[-1]['content'], width - len(g.key) - 3)}")
+        for c in g.candidates:
+            s = selection.scores.get((g.key, c.index))
+            mark = "*" if c.index in kept else " "
+            score = f"{s.mean:8.4f} {s.n_tokens:6d}" if s else "       -      -"
+            lines.append(f"  {mark} {clip(c.source or '-', 30):30s} {score}  {clip(c.response, width - 50)}")
+    return "\n".join(lines) + "\n\n" + summary_text(selection)
+
+
+def summary_text(selection: Selection) -> str:
+    """The summary in a few lines: counts, time, wins per source, score spread, drops by reason."""
+    info = summary(selection)
+    lines = [
+        f"instructions: {info['instructions']} read, {info['instructions_kept']} kept; "
+        f"candidates: {info['candidates_in']} read, {info['candidates_kept']} kept",
+        f"scored: {info.get('scored', 0)} new, {info.get('cached', 0)} from cache, "
+        f"{info.get('tokens_scored', 0)} tokens in {info.get('seconds', 0)} s",
+        "wins per source: " + (", ".join(f"{k} {v}" for k, v in info["wins_per_source"].items()) or "-"),
+    ]
+    sc = info["score"]
+    if sc["median"] is not None:
+        gap = sc["median_gap_best_to_second"]
+        lines.append(
+            f"mean log-prob: min {sc['min']:.4f}, median {sc['median']:.4f}, max {sc['max']:.4f}"
+            + (f"; median gap best-second {gap:.4f}" if gap is not None else "")
+        )
+    lines.append("dropped: " + (", ".join(f"{k} {v}" for k, v in info["dropped"].items()) or "none"))
+    return "\n".join(lines)

@@ -1,0 +1,68 @@
+"""Choose responses: top-k per instruction (best = GRAPE, worst = reverse GRAPE, random), then a budget.
+
+Ties: scores within ``TIE`` of the best remaining one count as equal, and the earliest candidate in input
+order wins. Selections are therefore identical across batch sizes, dtypes' last bits and ranks wherever
+the scores differ by more than ``TIE``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+from .hookspecs import hookimpl
+
+TIE = 1e-4
+
+
+@dataclass(frozen=True)
+class Selector:
+    """``pick(scores, k, key)`` returns the indices of the kept candidates, best first.
+
+    ``scores`` are mean log-probabilities in input order; ``key`` is the group key (for seeded choices).
+    ``budget_sign`` orders instructions under a budget: +1 keeps the highest-scoring, -1 the lowest.
+    """
+
+    pick: Callable[[Sequence[float], int, str, int], list[int]]
+    budget_sign: int = 1
+
+
+def top_k(scores: Sequence[float], k: int, sign: int) -> list[int]:
+    """Repeatedly take the first candidate (input order) within ``TIE`` of the best remaining score."""
+    left = list(range(len(scores)))
+    chosen = []
+    while left and len(chosen) < k:
+        best = max(sign * scores[i] for i in left)
+        winner = next(i for i in left if sign * scores[i] >= best - TIE)
+        chosen.append(winner)
+        left.remove(winner)
+    return chosen
+
+
+def seeded_sample(scores: Sequence[float], k: int, key: str, seed: int) -> list[int]:
+    """A random ``k``: seeded by the group key, so shards and reruns agree."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    return random.Random(digest).sample(range(len(scores)), min(k, len(scores)))
+
+
+@hookimpl
+def grape_register_selectors(register: Callable[[str, Selector], None]) -> None:
+    register("best", Selector(lambda s, k, key, seed: top_k(s, k, +1)))
+    register("worst", Selector(lambda s, k, key, seed: top_k(s, k, -1), budget_sign=-1))
+    register("random", Selector(seeded_sample))
+
+
+def apply_budget(
+    fits: list[tuple[str, float]], budget: Optional[int], fraction: Optional[float], sign: int
+) -> Optional[set[str]]:
+    """The group keys kept under a budget (None when there is none).
+
+    ``fits`` is (group key, mean score of its kept responses) in input order; ties keep input order.
+    """
+    if budget is None and fraction is None:
+        return None
+    n = budget if budget is not None else round(fraction * len(fits))
+    ranked = sorted(range(len(fits)), key=lambda i: (-sign * fits[i][1], i))
+    return {fits[i][0] for i in ranked[:n]}

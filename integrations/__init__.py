@@ -1,0 +1,1 @@
+"""Host adapters (installed as ``grape_plugin.integrations``): thin layers over the GRAPE core."""

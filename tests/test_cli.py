@@ -1,0 +1,164 @@
+"""The CLI end to end on a tiny model: outputs, cache, config files, plugins, and clean errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import write_jsonl
+
+from grape_plugin.cli import main
+from grape_plugin.plugins import load_plugins
+
+
+def grape(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "grape_plugin.cli", *args], capture_output=True, text=True, env=env, timeout=300
+    )
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture()
+def selected(tmp_path, tiny_model, pool_file):
+    out = tmp_path / "out"
+    cache = tmp_path / "cache"
+    assert main(["select", str(pool_file), "--model", str(tiny_model), "-o", str(out), "--cache-dir", str(cache)]) == 0
+    return out, cache
+
+
+def test_select_writes_selection_scores_and_report(selected, pool_file):
+    out, _ = selected
+    scores = read_jsonl(out / "scores.jsonl")
+    rows = read_jsonl(out / "selected.jsonl")
+    source_rows = read_jsonl(pool_file)
+    report = json.loads((out / "report.json").read_text())
+    assert len(scores) == len(source_rows) - report["dropped"].get("candidate:duplicate_response", 0)
+    assert len(rows) == 6 and set(rows[0]) == set(source_rows[0])  # same shape as the input
+    for group in {s["group"] for s in scores}:
+        cands = [s for s in scores if s["group"] == group]
+        winner = max(cands, key=lambda s: s["score"])
+        assert [s["index"] for s in cands if s["selected"]] == [winner["index"]]
+        assert source_rows[winner["row"]] in rows
+    assert report["instructions_kept"] == 6 and report["scored"] == len(scores) and report["cached"] == 0
+    assert sum(report["wins_per_source"].values()) == 6
+
+
+def test_second_run_scores_nothing(selected, tiny_model, pool_file, tmp_path):
+    _, cache = selected
+    out2 = tmp_path / "out2"
+    assert main(["select", str(pool_file), "--model", str(tiny_model), "-o", str(out2), "--cache-dir", str(cache), "--top-k", "2", "--budget", "3"]) == 0
+    report = json.loads((out2 / "report.json").read_text())
+    assert report["scored"] == 0 and report["cached"] > 0
+    assert report["instructions_kept"] == 3 and report["candidates_kept"] == 6
+
+
+def test_corrupt_cache_is_rebuilt(selected, tiny_model, pool_file, tmp_path):
+    _, cache = selected
+    (db,) = cache.glob("*.sqlite")
+    db.write_bytes(db.read_bytes()[:100])  # truncated mid-header
+    out3 = tmp_path / "out3"
+    assert main(["select", str(pool_file), "--model", str(tiny_model), "-o", str(out3), "--cache-dir", str(cache)]) == 0
+    assert json.loads((out3 / "report.json").read_text())["cached"] == 0
+    assert (out3 / "selected.jsonl").read_text() == (selected[0] / "selected.jsonl").read_text()
+
+
+def test_preview_shows_candidates_and_winner(tiny_model, pool_file, capsys):
+    assert main(["preview", str(pool_file), "--model", str(tiny_model), "--limit", "2", "--no-cache"]) == 0
+    out = capsys.readouterr().out
+    assert "[ae-000]" in out and "[ae-002]" not in out
+    assert out.count("\n  * ") == 2 and "gpt-4o-2024-05-13" in out
+    assert "wins per source:" in out and "instructions: 2 read, 2 kept" in out
+
+
+def test_config_file_and_unknown_keys(tmp_path, tiny_model, pool_file):
+    good = tmp_path / "good.yaml"
+    good.write_text(f"grape:\n  model: {tiny_model}\n  top_k: 2\n  cache_dir: null\n")
+    assert main(["select", str(pool_file), "--config", str(good), "-o", str(tmp_path / "o")]) == 0
+    assert json.loads((tmp_path / "o" / "report.json").read_text())["candidates_kept"] == 12
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("top_kk: 2\n")
+    result = grape("select", str(pool_file), "--config", str(bad), "-o", str(tmp_path / "o2"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "unknown key 'top_kk'; expected one of:" in result.stderr and "top_k" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--model", "/nonexistent/model"], "--model /nonexistent/model: no such file or folder"),
+        (["--template", "nope"], "no renderer named 'nope'; registered: paper, chat"),
+    ],
+)
+def test_cli_errors_are_one_clear_line(pool_file, tiny_model, args, message, tmp_path):
+    argv = ["preview", str(pool_file), "--no-cache", "--limit", "1"]
+    if "--model" not in args:
+        argv += ["--model", str(tiny_model)]
+    result = grape(*argv, *args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert message in result.stderr
+
+
+def test_bad_row_via_cli(tmp_path):
+    path = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "x", "output": "a"}, {"instruction": "x", "output": " "}])
+    result = grape("preview", str(path), "--model", "unused")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"{path}: row 2: field 'output': is empty" in result.stderr
+
+
+def test_output_folder_holding_the_input_is_refused(pool_file, tiny_model):
+    before = pool_file.read_bytes()
+    assert main(["select", str(pool_file), "--model", str(tiny_model), "-o", str(pool_file.parent), "--no-cache"]) == 2
+    assert pool_file.read_bytes() == before
+
+
+def test_throwaway_plugin_is_used_from_the_cli(tmp_path, tiny_model, pool_file):
+    from grape_plugin import hookimpl
+    from grape_plugin.selection import Selector
+
+    class Longest:
+        @hookimpl
+        def grape_register_selectors(self, register):
+            # ignores scores: keeps the longest response, to show the plugin really ran
+            register("longest", Selector(lambda scores, k, key, seed: [len(scores) - 1]))
+
+    pm = load_plugins()
+    plugin = Longest()
+    pm.register(plugin, name="throwaway")
+    try:
+        out = tmp_path / "o"
+        assert main(["select", str(pool_file), "--model", str(tiny_model), "--strategy", "longest", "-o", str(out), "--no-cache"]) == 0
+    finally:
+        pm.unregister(plugin)
+    scores = read_jsonl(out / "scores.jsonl")
+    for group in {s["group"] for s in scores}:
+        cands = [s for s in scores if s["group"] == group]
+        assert [s["selected"] for s in cands] == [False] * (len(cands) - 1) + [True]
+
+
+def test_entry_point_plugin_is_discovered(tmp_path):
+    pkg = tmp_path / "site"
+    (pkg / "grape_extra").mkdir(parents=True)
+    (pkg / "grape_extra" / "__init__.py").write_text(textwrap.dedent("""
+        from grape_plugin import hookimpl
+        from grape_plugin.selection import Selector
+
+        @hookimpl
+        def grape_register_selectors(register):
+            register("first", Selector(lambda scores, k, key, seed: [0]))
+    """))
+    dist = pkg / "grape_extra-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: grape-extra\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[grape_plugin]\nextra = grape_extra\n")
+    env = {**os.environ, "PYTHONPATH": str(pkg)}
+    result = grape("plugins", env=env)
+    assert result.returncode == 0, result.stderr
+    assert "selectors: best, worst, random, first" in result.stdout and "extra" in result.stdout

@@ -1,0 +1,104 @@
+"""Rendering spans and scores, checked against a direct full-logit computation on a tiny random Llama."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import build_tiny_model, pool_rows
+
+from grape_plugin import GrapeConfig, GrapeError
+from grape_plugin.models import load_model
+from grape_plugin.render import Rendered, chat_renderer, fit_length, paper_renderer
+from grape_plugin.scoring import TransformersScorer, token_batches
+
+PROMPT = [{"role": "user", "content": "Name a colour."}]
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model):
+    return load_model(str(tiny_model), device="cpu", dtype="fp32")
+
+
+def direct_mean(model, ids: list[int], start: int, end: int) -> float:
+    """Batch-1 fp32 reference: full logits, log-softmax over the vocabulary, mean over the span."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].float()
+    lp = logits.log_softmax(-1)
+    return float(sum(lp[p - 1, ids[p]] for p in range(start, end)) / (end - start))
+
+
+def test_paper_span_is_exactly_the_response(loaded):
+    render = paper_renderer(loaded.tokenizer)
+    item = render(PROMPT, "Deep blue, like the sea.")
+    decoded = loaded.tokenizer.decode(item.input_ids[item.start : item.end])
+    assert decoded.strip() == "Deep blue, like the sea."
+    head = loaded.tokenizer.decode(item.input_ids[: item.start], skip_special_tokens=True)
+    assert head.rstrip() == "Question: Name a colour.\nAnswer:"
+    assert item.end == len(item.input_ids)  # nothing after the response is scored
+
+
+def test_chat_span_excludes_end_of_turn(loaded):
+    item = chat_renderer(loaded.tokenizer)(PROMPT, "Red.")
+    tok = loaded.tokenizer
+    assert tok.decode(item.input_ids[item.start : item.end]) == "Red."
+    assert tok.decode(item.input_ids[item.end :]).startswith("</s>")
+
+
+def test_chat_needs_a_chat_template(tmp_path):
+    tok = load_model(str(build_tiny_model(tmp_path, with_chat_template=False)), device="cpu").tokenizer
+    with pytest.raises(GrapeError, match="no chat template"):
+        chat_renderer(tok)
+
+
+def test_scores_equal_direct_computation_batched_or_not(loaded):
+    render = paper_renderer(loaded.tokenizer)
+    rows = pool_rows(2)
+    items = [render([{"role": "user", "content": r["instruction"]}], r["output"][:600]) for r in rows]
+    one_at_a_time = TransformersScorer(loaded, batch_tokens=1).score(items)
+    batched = TransformersScorer(loaded, batch_tokens=100_000).score(items)
+    assert len({len(i.input_ids) for i in items}) > 5  # real padding happens in the batched run
+    for item, a, b in zip(items, one_at_a_time, batched):
+        assert a.n_tokens == b.n_tokens == item.n_tokens
+        assert abs(a.mean - b.mean) < 1e-5
+        assert abs(a.mean - direct_mean(loaded.model, list(item.input_ids), item.start, item.end)) < 1e-5
+
+
+def test_token_batches_respect_the_budget():
+    items = [Rendered(tuple(range(n)), 1, n) for n in (5, 9, 3, 9, 2)]
+    batches = list(token_batches(items, 18))
+    assert sorted(i for b in batches for i in b) == [0, 1, 2, 3, 4]
+    assert all(len(b) * max(len(items[i].input_ids) for i in b) <= 18 or len(b) == 1 for b in batches)
+    assert batches[0] == [1, 3]  # longest first
+
+
+def test_out_of_memory_halves_the_batch(loaded, monkeypatch):
+    scorer = TransformersScorer(loaded, batch_tokens=100_000)
+    render = paper_renderer(loaded.tokenizer)
+    items = [render(PROMPT, f"Colour number {i} is nice.") for i in range(4)]
+    expected = TransformersScorer(loaded, batch_tokens=1).score(items)
+    real, sizes = scorer._score_batch, []
+
+    def flaky(batch):
+        sizes.append(len(batch))
+        if len(batch) > 1:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(batch)
+
+    monkeypatch.setattr(scorer, "_score_batch", flaky)
+    got = scorer.score(items)
+    assert sizes[:3] == [4, 2, 1] and [round(s.mean, 6) for s in got] == [round(s.mean, 6) for s in expected]
+
+
+def test_fit_length_policies():
+    item = Rendered(tuple(range(10)), 4, 10)
+    assert fit_length(item, None, "drop") is item and fit_length(item, 10, "drop") is item
+    assert fit_length(item, 8, "drop") is None
+    assert fit_length(item, 8, "truncate") == Rendered(tuple(range(8)), 4, 8)
+    assert fit_length(item, 4, "truncate") is None  # no response token would be left
+
+
+def test_missing_model_and_gguf(tmp_path):
+    with pytest.raises(GrapeError, match="no such file or folder"):
+        load_model(str(tmp_path / "missing-model"), device="cpu")
+    with pytest.raises(GrapeError, match="GGUF file not found"):
+        load_model(str(tmp_path / "m.gguf"), device="cpu")
