@@ -106,8 +106,13 @@ def score(
     cfg: GrapeConfig,
     stats: dict[str, Any],
 ) -> dict[tuple[str, int], Score]:
-    """Score the candidates of every group that needs it, through the on-disk cache."""
+    """Score the candidates of every group that needs it, through the on-disk cache.
+
+    Under ``torch.distributed`` each rank scores its share of the instructions and every rank gets all scores.
+    """
     from tqdm.auto import tqdm
+
+    from .distributed import all_gather, rank_world, shard
 
     wanted = [(g.key, c.index) for g in groups if needs_scores(g, cfg) for c in g.candidates]
     cache = open_cache(cfg.cache_dir, scorer.identity)
@@ -116,15 +121,19 @@ def score(
     scores = {w: cached[keys[w]] for w in wanted if keys[w] in cached}
     todo = [w for w in wanted if w not in scores]
     stats.update(scored=len(todo), cached=len(scores), tokens_scored=sum(len(rendered[w].input_ids) for w in todo))
-    with tqdm(total=stats["tokens_scored"], unit="tok", desc="scoring", disable=not todo) as bar:
-        for at in range(0, len(todo), SCORE_CHUNK):
-            chunk = todo[at : at + SCORE_CHUNK]
+    mine = shard(todo, key=lambda w: w[0])
+    fresh_here: list[tuple[tuple[str, int], Score]] = []
+    total = sum(len(rendered[w].input_ids) for w in mine)
+    with tqdm(total=total, unit="tok", desc="scoring", disable=not mine or rank_world()[0] != 0) as bar:
+        for at in range(0, len(mine), SCORE_CHUNK):
+            chunk = mine[at : at + SCORE_CHUNK]
             fresh = scorer.score([rendered[w] for w in chunk], progress=bar.update)
-            scores.update(zip(chunk, fresh))
+            fresh_here += zip(chunk, fresh)
             if cache:
                 cache.put_many((keys[w], s) for w, s in zip(chunk, fresh))
     if cache:
         cache.close()
+    scores.update(all_gather(fresh_here))
     return scores
 
 
