@@ -122,6 +122,7 @@ def score(
     todo = [w for w in wanted if w not in scores]
     stats.update(scored=len(todo), cached=len(scores), tokens_scored=sum(len(rendered[w].input_ids) for w in todo))
     mine = shard(todo, key=lambda w: w[0])
+    stats["scored_by_this_rank"] = len(mine)
     fresh_here: list[tuple[tuple[str, int], Score]] = []
     total = sum(len(rendered[w].input_ids) for w in mine)
     with tqdm(total=total, unit="tok", desc="scoring", disable=not mine or rank_world()[0] != 0) as bar:
@@ -202,9 +203,8 @@ def run(path: str | Path, cfg: GrapeConfig, limit: Optional[int] = None, **kwarg
 
 
 def write(data: Candidates, selection: Selection, out_dir: str | Path) -> dict[str, Path]:
-    """Write ``selected.*`` (the input's shape), ``scores.jsonl`` and ``report.json`` into ``out_dir``."""
+    """Write ``selected.*`` (the input's shape) and the report files (``write_report``) into ``out_dir``."""
     from .datafiles import write_dataset
-    from .report import summary
 
     out, source = Path(out_dir).resolve(), data.path.resolve()
     if out == source or source.is_relative_to(out):
@@ -212,10 +212,18 @@ def write(data: Candidates, selection: Selection, out_dir: str | Path) -> dict[s
     if out.exists() and not out.is_dir():
         raise GrapeError(f"-o {out_dir}: exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
-    kept = {(k, i) for k, idx in selection.kept.items() for i in idx}
     selected = data.format.selected(data.dataset, selection.picks(), data.context)
-    paths = {"selected": write_dataset(selected, out, "selected", data.path)}
-    paths["scores"] = out / "scores.jsonl"
+    return {"selected": write_dataset(selected, out, "selected", data.path), **write_report(selection, out)}
+
+
+def write_report(selection: Selection, out_dir: str | Path) -> dict[str, Path]:
+    """``scores.jsonl`` (one row per candidate) and ``report.json`` (the summary) in ``out_dir``; every host calls this."""
+    from .report import summary
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    kept = {(k, i) for k, idx in selection.kept.items() for i in idx}
+    paths = {"scores": out / "scores.jsonl", "report": out / "report.json"}
     with open(paths["scores"], "w", encoding="utf-8") as fh:
         for g in selection.groups:
             for c in g.candidates:
@@ -231,6 +239,5 @@ def write(data: Candidates, selection: Selection, out_dir: str | Path) -> dict[s
                     "selected": (g.key, c.index) in kept,
                 }
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    paths["report"] = out / "report.json"
     paths["report"].write_text(json.dumps(summary(selection), indent=2, ensure_ascii=False) + "\n")
     return paths

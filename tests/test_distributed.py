@@ -1,0 +1,48 @@
+"""Two CPU ranks (gloo under torchrun) give the same scores and selection as one process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+SCRIPT = textwrap.dedent("""
+    import json, sys
+    import torch.distributed as dist
+    from grape_plugin import GrapeConfig, run
+    from grape_plugin.distributed import rank_world
+
+    dist.init_process_group("gloo")
+    data, sel = run(sys.argv[1], GrapeConfig(model=sys.argv[2], cache_dir=sys.argv[3], batch_tokens=512))
+    rank, world = rank_world()
+    out = {"world": world, "mine": sel.stats["scored_by_this_rank"], "kept": sel.kept,
+           "scores": {f"{k}/{i}": s.mean for (k, i), s in sel.scores.items()}}
+    with open(f"{sys.argv[4]}.{rank}.json", "w") as fh:
+        json.dump(out, fh)
+    dist.destroy_process_group()
+""")
+
+
+def test_two_ranks_match_one(tmp_path, tiny_model, pool_file):
+    from grape_plugin import GrapeConfig, run
+
+    script = tmp_path / "score.py"
+    script.write_text(SCRIPT)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(script), str(pool_file), str(tiny_model), str(tmp_path / "cache2"), str(tmp_path / "out")]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"out.{r}.json").read_text()) for r in (0, 1)]
+    _, single = run(pool_file, GrapeConfig(model=str(tiny_model), cache_dir=None))
+    expected = {f"{k}/{i}": s.mean for (k, i), s in single.scores.items()}
+    for got in ranks:
+        assert got["world"] == 2 and got["kept"] == single.kept
+        assert got["scores"].keys() == expected.keys()
+        assert max(abs(got["scores"][k] - expected[k]) for k in expected) < 1e-5
+    # each rank scored its own share of the instructions, into one shared cache
+    assert 0 < ranks[0]["mine"] < len(expected) and ranks[0]["mine"] + ranks[1]["mine"] == len(expected)
+    (db,) = (tmp_path / "cache2").glob("*.sqlite")
+    import sqlite3
+
+    assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM scores").fetchone()[0] == len(expected)
