@@ -7,6 +7,7 @@ the LM head and an fp32 log-softmax only at the positions that predict response 
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
 
@@ -15,6 +16,7 @@ from .hookspecs import hookimpl
 from .render import Rendered
 
 HEAD_CHUNK_BYTES = 1 << 28  # fp32 logits held at once by the chunked LM head
+SHARE_MIN_SAVED = 256  # share an instruction's prefix when that saves at least this many token positions
 
 
 @dataclass(frozen=True)
@@ -60,10 +62,34 @@ def is_oom(exc: BaseException) -> bool:
     return isinstance(exc, torch.cuda.OutOfMemoryError) or "out of memory" in str(exc).lower()
 
 
-class TransformersScorer:
-    """Scores with a transformers causal LM (see ``models.load_model``)."""
+def shared_prefixes(items: Sequence[Rendered], min_saved: int = SHARE_MIN_SAVED) -> list[tuple[int, list[int]]]:
+    """Plan the work as (shared prefix length, item indices) jobs; length 0 means nothing is shared.
 
-    def __init__(self, loaded: Any, batch_tokens: int = 4096):
+    Items whose tokens before the last prompt token are identical (the candidates of one instruction) form a
+    job whose prefix runs once, when that saves at least ``min_saved`` token positions. The last prompt token
+    stays with each candidate, since its output predicts the first response token.
+    """
+    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    for i, item in enumerate(items):
+        by_prompt.setdefault(item.input_ids[: item.start - 1], []).append(i)
+    jobs, alone = [], []
+    for prefix, members in by_prompt.items():
+        if len(prefix) * (len(members) - 1) >= min_saved:
+            jobs.append((len(prefix), members))
+        else:
+            alone += members
+    return [(0, sorted(alone))] + jobs if alone else jobs
+
+
+class TransformersScorer:
+    """Scores with a transformers causal LM (see ``models.load_model``).
+
+    ``pack`` runs each batch as one padding-free row whose position ids restart per sequence; it is the
+    default with flash-attention (its varlen kernel keeps sequences apart without a dense mask), while SDPA
+    and eager attention get length-sorted padded batches.
+    """
+
+    def __init__(self, loaded: Any, batch_tokens: int = 4096, pack: Optional[bool] = None, share_prefixes: bool = True):
         from .errors import GrapeError
 
         self.model, self.tokenizer, self.identity = loaded.model, loaded.tokenizer, loaded.identity
@@ -73,20 +99,40 @@ class TransformersScorer:
             raise GrapeError(f"{type(self.model).__name__}: cannot separate the model body from its LM head")
         self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
         self.batch_tokens = batch_tokens
+        attn = getattr(self.model.config, "_attn_implementation", "")
+        self.pack = pack if pack is not None else attn.startswith("flash_attention")
+        self.share_prefixes = share_prefixes
+        # transformers renamed ``past_key_values`` to ``cache``; the host frameworks pin releases on both sides
+        self.cache_kwarg = "cache" if "cache" in inspect.signature(self.body.forward).parameters else "past_key_values"
+        self.positions_run = 0  # token positions through the model body, padding and prefixes included
 
     def score(self, items: Sequence[Rendered], progress: Optional[Callable[[int], None]] = None) -> list[Score]:
         results: list[Optional[Score]] = [None] * len(items)
-        for batch in token_batches(items, self.batch_tokens):
-            for i, s in zip(batch, self._score_backing_off([items[i] for i in batch])):
-                results[i] = s
-            if progress:
-                progress(sum(len(items[i].input_ids) for i in batch))
+        jobs = shared_prefixes(items) if self.share_prefixes else [(0, list(range(len(items))))]
+        for shared, members in jobs:
+            prefix = self._prefix_cache(items[members[0]].input_ids[:shared]) if shared else None
+            sub = [items[i] for i in members]
+            for batch in token_batches([Rendered(r.input_ids[shared:], 0, 0) for r in sub], self.batch_tokens):
+                scores = self._score_backing_off([sub[b] for b in batch], shared, prefix)
+                for b, s in zip(batch, scores):
+                    results[members[b]] = s
+                if progress:
+                    progress(sum(len(sub[b].input_ids) for b in batch))
         return results  # type: ignore[return-value]
 
-    def _score_backing_off(self, batch: list[Rendered]) -> list[Score]:
+    def _prefix_cache(self, prefix: tuple[int, ...]) -> Any:
+        """The key/value cache of a shared prefix, computed once."""
+        import torch
+
+        self.positions_run += len(prefix)
+        with torch.inference_mode():
+            ids = torch.tensor([prefix], device=self.head.weight.device)
+            return self.body(input_ids=ids, use_cache=True).past_key_values
+
+    def _score_backing_off(self, batch: list[Rendered], shared: int, prefix: Any) -> list[Score]:
         """Score a batch; on out-of-memory, halve it and go on."""
         try:
-            return self._score_batch(batch)
+            return self._score_batch(batch, shared, prefix)
         except RuntimeError as exc:
             if len(batch) == 1 or not is_oom(exc):
                 raise
@@ -95,34 +141,55 @@ class TransformersScorer:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         half = len(batch) // 2
-        return self._score_backing_off(batch[:half]) + self._score_backing_off(batch[half:])
+        return self._score_backing_off(batch[:half], shared, prefix) + self._score_backing_off(batch[half:], shared, prefix)
 
-    def _score_batch(self, batch: list[Rendered]) -> list[Score]:
+    def _score_batch(self, batch: list[Rendered], shared: int = 0, prefix: Any = None) -> list[Score]:
+        """Run the body on ``batch`` (after a ``shared``-token prefix whose cache is ``prefix``), then the head."""
+        import copy
+
         import torch
 
         device = self.head.weight.device
-        width = max(len(r.input_ids) for r in batch)
-        ids = torch.zeros((len(batch), width), dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for b, r in enumerate(batch):
-            ids[b, : len(r.input_ids)] = torch.tensor(r.input_ids)
-            mask[b, : len(r.input_ids)] = 1
+        tails = [r.input_ids[shared:] for r in batch]
         # position p predicts token p + 1: response tokens [start, end) are predicted at [start - 1, end - 1)
-        rows = torch.cat([torch.full((r.n_tokens,), b) for b, r in enumerate(batch)])
-        pos = torch.cat([torch.arange(r.start - 1, r.end - 1) for r in batch])
-        targets = ids[rows, pos + 1].to(device)
+        rows = torch.cat([torch.full((r.n_tokens,), b) for b, r in enumerate(batch)]).to(device)
+        targets = torch.tensor([t for r in batch for t in r.input_ids[r.start : r.end]], device=device)
+        if self.pack and prefix is None:
+            flat = torch.tensor([[t for tail in tails for t in tail]])
+            offsets = torch.tensor([0] + [len(t) for t in tails]).cumsum(0)
+            pos = torch.cat([torch.arange(r.start - 1, r.end - 1) + offsets[b] for b, r in enumerate(batch)])
+            # no cache: transformers only derives the per-sequence (block-diagonal) mask from position ids without one
+            positions = torch.cat([torch.arange(len(t)) for t in tails])[None]
+            inputs = {"input_ids": flat, "position_ids": positions, "use_cache": False}
+            rows_in, pos_in = torch.zeros_like(pos), pos
+        else:
+            width = max(len(t) for t in tails)
+            ids = torch.zeros((len(batch), width), dtype=torch.long)
+            mask = torch.zeros((len(batch), shared + width), dtype=torch.long)
+            mask[:, :shared] = 1
+            for b, tail in enumerate(tails):
+                ids[b, : len(tail)] = torch.tensor(tail)
+                mask[b, shared : shared + len(tail)] = 1
+            inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
+            if prefix is not None:
+                cache = copy.deepcopy(prefix)
+                cache.batch_repeat_interleave(len(batch))
+                inputs.update({self.cache_kwarg: cache, "use_cache": True})
+            rows_in = rows
+            pos_in = torch.cat([torch.arange(r.start - 1 - shared, r.end - 1 - shared) for r in batch])
+        self.positions_run += inputs["input_ids"].numel()
         with torch.inference_mode():
-            hidden = self.body(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
-            picked = hidden[rows.to(device), pos.to(device)]
+            hidden = self.body(**{k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}).last_hidden_state
+            picked = hidden[rows_in.to(device), pos_in.to(device)]
             del hidden
             sums = torch.zeros(len(batch), dtype=torch.float64, device=device)
             chunk = max(1, HEAD_CHUNK_BYTES // (4 * self.head.weight.shape[0]))
-            for c in range(0, len(pos), chunk):
+            for c in range(0, len(targets), chunk):
                 logits = self.head(picked[c : c + chunk]).float()
                 if self.softcap:
                     logits = torch.tanh(logits / self.softcap) * self.softcap
                 lp = logits.log_softmax(-1).gather(1, targets[c : c + chunk, None]).squeeze(1)
-                sums.index_add_(0, rows[c : c + chunk].to(device), lp.double())
+                sums.index_add_(0, rows[c : c + chunk], lp.double())
         return [Score(float(s), r.n_tokens) for s, r in zip(sums.tolist(), batch)]
 
     def close(self) -> None:

@@ -9,7 +9,7 @@ from conftest import build_tiny_model, pool_rows
 from grape_plugin import GrapeConfig, GrapeError
 from grape_plugin.models import load_model
 from grape_plugin.render import Rendered, chat_renderer, fit_length, paper_renderer
-from grape_plugin.scoring import TransformersScorer, token_batches
+from grape_plugin.scoring import TransformersScorer, shared_prefixes, token_batches
 
 PROMPT = [{"role": "user", "content": "Name a colour."}]
 
@@ -63,6 +63,36 @@ def test_scores_equal_direct_computation_batched_or_not(loaded):
         assert abs(a.mean - direct_mean(loaded.model, list(item.input_ids), item.start, item.end)) < 1e-5
 
 
+def long_prompt_items(loaded, n: int = 5) -> list[Rendered]:
+    """Candidates behind a long shared prompt (earlier turns of a chat), as in multi-turn data."""
+    rows = pool_rows(3)
+    history = [{"role": "user", "content": rows[0]["instruction"]}, {"role": "assistant", "content": rows[0]["output"][:700]}]
+    prompt = history + [{"role": "user", "content": rows[8]["instruction"]}]
+    render = paper_renderer(loaded.tokenizer)
+    return [render(prompt, r["output"][: 80 + 40 * i]) for i, r in enumerate(rows[8 : 8 + n])]
+
+
+def test_shared_prefix_scores_are_exact_and_cheaper(loaded):
+    items = long_prompt_items(loaded)
+    assert shared_prefixes(items)[0][0] > 100  # one job sharing the long prompt
+    plain = TransformersScorer(loaded, share_prefixes=False)
+    shared = TransformersScorer(loaded, batch_tokens=300)  # several suffix batches reuse one prefix cache
+    a, b = plain.score(items), shared.score(items)
+    assert shared.positions_run < 0.6 * plain.positions_run
+    for item, x, y in zip(items, a, b):
+        assert x.n_tokens == y.n_tokens and abs(x.mean - y.mean) < 1e-5
+        assert abs(y.mean - direct_mean(loaded.model, list(item.input_ids), item.start, item.end)) < 1e-5
+
+
+def test_packed_rows_score_like_padded_batches(loaded):
+    items = long_prompt_items(loaded) + [paper_renderer(loaded.tokenizer)(PROMPT, "Green.")]
+    packed = TransformersScorer(loaded, batch_tokens=100_000, pack=True, share_prefixes=False)
+    padded = TransformersScorer(loaded, batch_tokens=100_000, pack=False, share_prefixes=False)
+    for x, y in zip(packed.score(items), padded.score(items)):
+        assert abs(x.mean - y.mean) < 1e-5
+    assert packed.positions_run == sum(len(i.input_ids) for i in items) < padded.positions_run
+
+
 def test_token_batches_respect_the_budget():
     items = [Rendered(tuple(range(n)), 1, n) for n in (5, 9, 3, 9, 2)]
     batches = list(token_batches(items, 18))
@@ -78,11 +108,11 @@ def test_out_of_memory_halves_the_batch(loaded, monkeypatch):
     expected = TransformersScorer(loaded, batch_tokens=1).score(items)
     real, sizes = scorer._score_batch, []
 
-    def flaky(batch):
+    def flaky(batch, *prefix):
         sizes.append(len(batch))
         if len(batch) > 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(batch)
+        return real(batch, *prefix)
 
     monkeypatch.setattr(scorer, "_score_batch", flaky)
     got = scorer.score(items)
