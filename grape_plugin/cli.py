@@ -24,6 +24,7 @@ OPTIONS: dict[str, dict[str, Any]] = {
     "--batch-tokens": {"type": int, "help": "padded tokens per forward pass (default 4096)"},
     "--max-length": {"type": int, "help": "longest prompt+response in tokens"},
     "--over-length": {"choices": ["drop", "truncate"], "help": "what to do with longer sequences (default drop)"},
+    "--scorer": {"help": "transformers (default), vllm (needs grape-plugin[vllm]), or a registered scorer"},
     "--device": {"help": "auto (default), cpu, cuda, cuda:1, ..."},
     "--dtype": {"choices": ["auto", "fp32", "bf16", "fp16"], "help": "auto: fp32 on CPU, bf16 on CUDA"},
     "--format": {"help": "input shape: auto (default), long, list, messages, preference"},
@@ -64,6 +65,10 @@ def cmd_preview(args: argparse.Namespace) -> None:
         print(f"no --model given: scoring with the embedded SmolLM2-135M-Instruct ({resolve_model(None)})")
     _, selection = run(args.data, cfg, limit=args.limit)
     print(preview_text(selection))
+    if args.html:
+        from .report_html import write_html
+
+        print(f"html report: {write_html(selection, args.html)}")
 
 
 def cmd_select(args: argparse.Namespace) -> None:
@@ -93,6 +98,49 @@ def cmd_export_model(args: argparse.Namespace) -> None:
     print(f"wrote {export_model(args.model, args.output)}")
 
 
+LF_TRAIN_HELP = """\
+Train with LLaMA-Factory on the GRAPE selection: takes exactly llamafactory-cli train's arguments.
+Datasets whose dataset_info.json entry has a "grape" key are scored with the run's model and template and
+replaced by their selection; the others are used as they are. With several devices (or FORCE_TORCHRUN=1) it
+re-launches itself under torchrun, like llamafactory-cli. See grape_plugin/integrations/llamafactory/README.md."""
+
+
+def cmd_llamafactory_train(args: argparse.Namespace) -> None:
+    if not args.args or args.args[0] in ("-h", "--help"):
+        print(args.usage())
+        return
+    from .integrations.llamafactory import train
+
+    code = train(args.args)
+    if code:
+        raise SystemExit(code)
+
+
+def cmd_llamafactory_select(args: argparse.Namespace) -> None:
+    from .integrations.llamafactory import select_offline
+
+    command = select_offline([args.config, *args.overrides], args.output)
+    print(f"selection written to {args.output}; train on it with:\n  {command}")
+
+
+def add_llamafactory(sub: Any) -> None:
+    lf = sub.add_parser("llamafactory", help="LLaMA-Factory: train on the GRAPE selection of datasets with a grape key")
+    lf_sub = lf.add_subparsers(dest="lf_command", required=True)
+    # '+' prefix: every argument, --flags included, goes to LLaMA-Factory unparsed
+    train = lf_sub.add_parser(
+        "train", prefix_chars="+", add_help=False, help="select, then train (llamafactory-cli train's arguments)",
+        description=LF_TRAIN_HELP, usage="%(prog)s config.yaml [key=value ...]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    train.add_argument("args", nargs=argparse.REMAINDER, metavar="config.yaml [key=value ...]")
+    train.set_defaults(func=cmd_llamafactory_train, usage=train.format_help)
+    sel = lf_sub.add_parser("select", help="write the selection and its dataset_info.json for llamafactory-cli train")
+    sel.add_argument("config", help="the training config (YAML or JSON)")
+    sel.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, as llamafactory-cli takes them")
+    sel.add_argument("-o", "--output", required=True, help="folder for the selection (and a train.yaml using it)")
+    sel.set_defaults(func=cmd_llamafactory_select)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="grape-plugin", description="GRAPE: keep the responses your base model fits best.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -100,6 +148,7 @@ def parser() -> argparse.ArgumentParser:
     pre = sub.add_parser("preview", help="score a sample and show every candidate and the winner")
     add_options(pre)
     pre.add_argument("--limit", type=int, default=20, help="instructions to score (default 20)")
+    pre.add_argument("--html", metavar="PATH", help="also write the report with charts and a searchable table here")
     pre.set_defaults(func=cmd_preview)
     sel = sub.add_parser("select", help="write the selected dataset, a scores table and a report")
     add_options(sel)
@@ -112,6 +161,7 @@ def parser() -> argparse.ArgumentParser:
     exp.add_argument("output", help="folder to write")
     exp.add_argument("--model", default=None, help="model to export (default: the embedded SmolLM2)")
     exp.set_defaults(func=cmd_export_model)
+    add_llamafactory(sub)
     return p
 
 
