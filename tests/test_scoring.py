@@ -132,3 +132,14 @@ def test_missing_model_and_gguf(tmp_path):
         load_model(str(tmp_path / "missing-model"), device="cpu")
     with pytest.raises(GrapeError, match="GGUF file not found"):
         load_model(str(tmp_path / "m.gguf"), device="cpu")
+
+
+def test_gguf_without_the_gguf_package(tmp_path, monkeypatch):
+    import importlib.util
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
+    with pytest.raises(GrapeError, match="needs the gguf package: pip install gguf"):
+        load_model(str(gguf), device="cpu")
