@@ -8,6 +8,12 @@ source "$root/.ci/env.sh"
 reports=$(mktemp -d)
 suites=("$@")
 [ ${#suites[@]} -gt 0 ] || suites=(core axolotl llamafactory)
+# The HTML report test drives Debian's chromium (it skips without one); root installs it once.
+if [[ " ${suites[*]} " == *" core "* ]] && ! command -v chromium >/dev/null && [ "$(id -u)" = 0 ]; then
+  echo "installing chromium for the report test" >&2
+  { apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; } >&2 \
+    || echo "could not install chromium: the report test will skip" >&2
+fi
 
 status=0
 for suite in "${suites[@]}"; do

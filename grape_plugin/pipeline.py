@@ -10,7 +10,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from .cache import item_key, open_cache
 from .candidates import Candidate, Drops, Group
@@ -22,7 +22,7 @@ from .render import Rendered, Renderer, fit_length
 from .scoring import Score, Scorer
 from .selection import apply_budget
 
-SCORE_CHUNK = 256  # candidates scored between two cache commits
+COMMIT_BATCHES = 8  # about this many full batches are scored between two cache commits
 
 
 @dataclass
@@ -48,8 +48,9 @@ class Selection:
     stats: dict[str, Any] = field(default_factory=dict)
 
     def picks(self) -> list[tuple[Group, Candidate]]:
-        by_key = {g.key: g for g in self.groups}
-        return [(by_key[k], by_key[k].candidates[i]) for k, idx in self.kept.items() for i in idx]
+        # look candidates up by index: render_groups may have removed too-long ones, shifting positions
+        by_index = {g.key: (g, {c.index: c for c in g.candidates}) for g in self.groups}
+        return [(by_index[k][0], by_index[k][1][i]) for k, idx in self.kept.items() for i in idx]
 
 
 def read(path: str | Path, cfg: GrapeConfig, limit: Optional[int] = None) -> Candidates:
@@ -126,8 +127,7 @@ def score(
     fresh_here: list[tuple[tuple[str, int], Score]] = []
     total = sum(len(rendered[w].input_ids) for w in mine)
     with tqdm(total=total, unit="tok", desc="scoring", disable=not mine or rank_world()[0] != 0) as bar:
-        for at in range(0, len(mine), SCORE_CHUNK):
-            chunk = mine[at : at + SCORE_CHUNK]
+        for chunk in commit_chunks(mine, rendered, COMMIT_BATCHES * cfg.batch_tokens):
             fresh = scorer.score([rendered[w] for w in chunk], progress=bar.update)
             fresh_here += zip(chunk, fresh)
             if cache:
@@ -136,6 +136,22 @@ def score(
         cache.close()
     scores.update(all_gather(fresh_here))
     return scores
+
+
+def commit_chunks(
+    todo: list[tuple[str, int]], rendered: dict[tuple[str, int], Rendered], tokens: int
+) -> Iterator[list[tuple[str, int]]]:
+    """Whole instructions (so the scorer can share their prompt) in chunks of about ``tokens`` tokens."""
+    chunk: list[tuple[str, int]] = []
+    size = 0
+    for n, w in enumerate(todo):
+        if size >= tokens and w[0] != todo[n - 1][0]:
+            yield chunk
+            chunk, size = [], 0
+        chunk.append(w)
+        size += len(rendered[w].input_ids)
+    if chunk:
+        yield chunk
 
 
 def select(
@@ -217,8 +233,10 @@ def write(data: Candidates, selection: Selection, out_dir: str | Path) -> dict[s
 
 
 def write_report(selection: Selection, out_dir: str | Path) -> dict[str, Path]:
-    """``scores.jsonl`` (one row per candidate) and ``report.json`` (the summary) in ``out_dir``; every host calls this."""
+    """``scores.jsonl`` (one row per candidate), ``report.json`` (the summary) and ``report.html`` (charts and a
+    browsable table) in ``out_dir``; every host calls this."""
     from .report import summary
+    from .report_html import write_html
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -240,4 +258,5 @@ def write_report(selection: Selection, out_dir: str | Path) -> dict[str, Path]:
                 }
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
     paths["report"].write_text(json.dumps(summary(selection), indent=2, ensure_ascii=False) + "\n")
+    paths["html"] = write_html(selection, out / "report.html")
     return paths

@@ -9,16 +9,22 @@ from typing import Any
 from .pipeline import Selection
 
 
-def summary(selection: Selection) -> dict[str, Any]:
-    """Counts, drops by reason, wins per source and the spread of scores."""
-    wins: Counter = Counter()
+def best_gaps(selection: Selection) -> list[float]:
+    """Per instruction with two or more scored candidates: best score minus second best."""
     gaps = []
     for g in selection.groups:
-        for i in selection.kept.get(g.key, []):
-            wins[g.candidates[i].source or "(none)"] += 1
         means = sorted((selection.scores[(g.key, c.index)].mean for c in g.candidates if (g.key, c.index) in selection.scores), reverse=True)
         if len(means) > 1:
             gaps.append(means[0] - means[1])
+    return gaps
+
+
+def summary(selection: Selection) -> dict[str, Any]:
+    """Counts, drops by reason, wins per source and the spread of scores."""
+    wins: Counter = Counter()
+    for _, cand in selection.picks():
+        wins[cand.source or "(none)"] += 1
+    gaps = best_gaps(selection)
     scored = [s.mean for s in selection.scores.values()]
     return {
         **selection.stats,

@@ -1,0 +1,168 @@
+"""The HTML selection report: escaping and the table cap offline, then the real page in headless Chromium."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+from urllib.request import urlopen
+
+import pytest
+from conftest import pool_rows
+
+from grape_plugin import report_html
+from grape_plugin.candidates import Candidate, Drops, Group
+from grape_plugin.cli import main
+from grape_plugin.pipeline import Selection
+from grape_plugin.scoring import Score
+
+CHROMIUM = shutil.which("chromium")
+FLAGS = [
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+    "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--hide-scrollbars",
+    "--window-size=1280,1024", "--remote-debugging-port=0",
+]
+
+
+class Chromium:
+    """Headless Chromium driven over the DevTools protocol on 127.0.0.1, recording every event it sends."""
+
+    def __init__(self, profile: Path) -> None:
+        import websocket
+
+        self.proc = subprocess.Popen([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", "about:blank"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        port_file = profile / "DevToolsActivePort"  # "port\npath": written once Chromium listens on its chosen port
+        deadline = time.monotonic() + 60
+        while len(lines := port_file.read_text().split() if port_file.exists() else []) < 2:
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"chromium did not start (exit code {self.proc.returncode})")
+            time.sleep(0.1)
+        port = lines[0]
+        targets = json.loads(urlopen(f"http://127.0.0.1:{port}/json/list", timeout=30).read())
+        page = next(t for t in targets if t["type"] == "page")
+        self.ws = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=60, suppress_origin=True)
+        self.events: list[dict] = []
+        self.last_id = 0
+        for domain in ("Page", "Runtime", "Log"):
+            self.call(f"{domain}.enable")
+
+    def call(self, method: str, **params: Any) -> dict:
+        self.last_id += 1
+        self.ws.send(json.dumps({"id": self.last_id, "method": method, "params": params}))
+        while True:
+            msg = json.loads(self.ws.recv())
+            if msg.get("id") == self.last_id:
+                assert "error" not in msg, f"{method}: {msg['error']}"
+                return msg["result"]
+            self.events.append(msg)
+
+    def open(self, url: str) -> None:
+        self.call("Page.navigate", url=url)
+        while not any(e.get("method") == "Page.loadEventFired" for e in self.events):
+            self.events.append(json.loads(self.ws.recv()))
+
+    def evaluate(self, expression: str) -> Any:
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        assert "exceptionDetails" not in result, result["exceptionDetails"]
+        return result["result"].get("value")
+
+    def screenshot(self, path: Path) -> Path:
+        path.write_bytes(base64.b64decode(self.call("Page.captureScreenshot", format="png")["data"]))
+        return path
+
+    def console_errors(self) -> list[dict]:
+        """Uncaught exceptions, console.error/assert calls and browser-logged errors (CSP, failed loads)."""
+        return [
+            e["params"] for e in self.events
+            if e.get("method") == "Runtime.exceptionThrown"
+            or (e.get("method") == "Runtime.consoleAPICalled" and e["params"]["type"] in ("error", "assert"))
+            or (e.get("method") == "Log.entryAdded" and e["params"]["entry"]["level"] == "error")
+        ]
+
+    def close(self) -> None:
+        if getattr(self, "ws", None):
+            self.ws.close()
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+@pytest.fixture()
+def chromium(tmp_path):
+    if CHROMIUM is None:
+        if os.environ.get("CI"):
+            pytest.fail("chromium is missing in CI: .ci/test.sh installs it with apt-get when run as root")
+        pytest.skip("chromium is not installed (apt-get install chromium; .ci/test.sh installs it when run as root)")
+    browser = Chromium(tmp_path / "profile")
+    yield browser
+    browser.close()
+
+
+def hand_selection(n_groups: int) -> Selection:
+    """Instructions and responses full of markup, two candidates each, the first kept."""
+    groups, scores = [], {}
+    for i in range(n_groups):
+        cands = [Candidate(f'<img src=x onerror="alert({i})"> answer {j}', f"<b>src{j}</b>", 2 * i + j, j) for j in range(2)]
+        groups.append(Group(f"g{i}", [{"role": "user", "content": f"<script>alert({i})</script> & co"}], cands))
+        scores.update({(f"g{i}", j): Score(-1.0 - j - i / 10, 10 + j) for j in range(2)})
+    return Selection(groups, scores, {g.key: [0] for g in groups}, Drops(), {"instructions": n_groups, "candidates_in": 2 * n_groups})
+
+
+def test_user_text_is_escaped_and_the_table_capped(monkeypatch):
+    monkeypatch.setattr(report_html, "TABLE_INSTRUCTIONS", 3)
+    page = report_html.render_html(hand_selection(5))
+    assert "<script>alert" not in page and "<img src=x" not in page and "<b>src" not in page
+    assert "&lt;script&gt;alert(0)&lt;/script&gt; &amp; co" in page and "&lt;b&gt;src1&lt;/b&gt;" in page
+    assert page.count('<tbody class="group">') == 3 and "The first 3 of 5 instructions;" in page
+    assert page.count('<img class="chart"') == 4 and "default-src 'none'" in page  # nothing loads from outside
+
+
+def test_preview_writes_html(tiny_model, pool_file, tmp_path, capsys):
+    html = tmp_path / "sub" / "report.html"
+    assert main(["preview", str(pool_file), "--model", str(tiny_model), "--limit", "2", "--no-cache", "--html", str(html)]) == 0
+    assert f"html report: {html}" in capsys.readouterr().out
+    assert html.read_text().count('<tbody class="group">') == 2
+
+
+def test_report_renders_in_chromium(tiny_model, pool_file, tmp_path, chromium):
+    out = tmp_path / "out"
+    assert main(["select", str(pool_file), "--model", str(tiny_model), "-o", str(out), "--no-cache"]) == 0
+    scores = [json.loads(line) for line in (out / "scores.jsonl").read_text().splitlines()]
+    chromium.open((out / "report.html").as_uri())
+
+    shot = chromium.screenshot(tmp_path / "report.png")
+    from PIL import Image
+
+    image = Image.open(io.BytesIO(shot.read_bytes())).convert("RGB")
+    assert image.width == 1280 and len(image.getcolors(1 << 24)) > 100  # charts and text, not a blank page
+
+    charts = chromium.evaluate("""[...document.querySelectorAll("img.chart")].map(i => ({
+        loaded: i.complete && i.naturalWidth > 0, w: i.getBoundingClientRect().width, h: i.getBoundingClientRect().height}))""")
+    assert len(charts) == 4 and all(c["loaded"] and c["w"] > 100 and c["h"] > 100 for c in charts), charts
+
+    visible = """JSON.stringify([document.querySelectorAll("tbody.group:not([hidden])").length,
+        [...document.querySelectorAll("tr.cand")].filter(r => r.offsetParent !== null).length,
+        document.getElementById("shown").textContent])"""
+    assert json.loads(chromium.evaluate(visible)) == [6, len(scores), "6 of 6 instructions shown"]
+    assert chromium.evaluate('document.querySelectorAll("tr.win").length') == sum(s["selected"] for s in scores) == 6
+
+    def search(text: str) -> list:
+        chromium.evaluate(f'q.value = {json.dumps(text)}; q.dispatchEvent(new Event("input"))')
+        return json.loads(chromium.evaluate(visible))
+
+    third = next(r for r in pool_rows(6) if r["id"] == "ae-003")
+    assert search(third["instruction"][:40].upper()) == [1, sum(s["group"] == "ae-003" for s in scores), "1 of 6 instructions shown"]
+    assert search("no response says this 7f3a") == [0, 0, "0 of 6 instructions shown"]
+    assert search("")[0] == 6
+    assert chromium.console_errors() == []
