@@ -98,6 +98,16 @@ def cmd_export_model(args: argparse.Namespace) -> None:
     print(f"wrote {export_model(args.model, args.output)}")
 
 
+LF_HELP = """\
+GRAPE for LLaMA-Factory. Turn selection on per dataset with a "grape" key in its dataset_info.json entry:
+
+  "pooled_sft": {"file_name": "pooled.json", "formatting": "sharegpt", "columns": {"messages": "conversations"},
+                 "grape": {"template": "train", "top_k": 1}}
+
+  grape-plugin llamafactory train config.yaml [key=value ...]   select, then train (on every rank)
+  grape-plugin llamafactory select config.yaml -o DIR           select only; then: llamafactory-cli train DIR/train.yaml
+
+A plain llamafactory-cli train ignores the key. Options: grape_plugin/integrations/llamafactory/README.md."""
 LF_TRAIN_HELP = """\
 Train with LLaMA-Factory on the GRAPE selection: takes exactly llamafactory-cli train's arguments.
 Datasets whose dataset_info.json entry has a "grape" key are scored with the run's model and template and
@@ -124,7 +134,10 @@ def cmd_llamafactory_select(args: argparse.Namespace) -> None:
 
 
 def add_llamafactory(sub: Any) -> None:
-    lf = sub.add_parser("llamafactory", help="LLaMA-Factory: train on the GRAPE selection of datasets with a grape key")
+    lf = sub.add_parser(
+        "llamafactory", help="LLaMA-Factory: train on the GRAPE selection of datasets with a grape key",
+        description=LF_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
     lf_sub = lf.add_subparsers(dest="lf_command", required=True)
     # '+' prefix: every argument, --flags included, goes to LLaMA-Factory unparsed
     train = lf_sub.add_parser(

@@ -1,0 +1,43 @@
+"""GRAPE for Axolotl: with a ``grape:`` block, the run trains on the GRAPE-selected rows of its ``datasets:``.
+
+    plugins:
+      - grape_plugin.integrations.axolotl.GrapePlugin
+    grape:
+      top_k: 1
+
+See README.md in this folder. Without a ``grape:`` block the plugin does nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from axolotl.integrations.base import BasePlugin
+
+from grape_plugin.errors import GrapeError
+
+from .args import GrapeArgs
+
+__all__ = ["GrapeArgs", "GrapePlugin"]
+
+
+class GrapePlugin(BasePlugin):
+    """Selects in ``load_datasets`` (``axolotl preprocess`` and ``axolotl train``), then lets Axolotl load as usual."""
+
+    def get_input_args(self) -> str:
+        return "grape_plugin.integrations.axolotl.args.GrapeArgs"
+
+    def load_datasets(self, cfg: Any, preprocess: bool = False) -> None:
+        """Point ``cfg.datasets`` at the selection and return None, so Axolotl's own loader tokenises it."""
+        if cfg.get("grape") is None:
+            return None
+        from axolotl.common.const import DEFAULT_DATASET_PREPARED_PATH
+
+        from .prepare import LOG, select_datasets
+
+        try:
+            select_datasets(cfg, DEFAULT_DATASET_PREPARED_PATH)
+        except GrapeError as exc:
+            LOG.error("%s", exc)
+            raise SystemExit(f"grape-plugin: {exc}") from None
+        return None
