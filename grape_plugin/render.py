@@ -10,7 +10,7 @@ token may carry the separator before it (BPE merges " Hello" into one token). To
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from .candidates import Message
 from .errors import GrapeError
@@ -82,6 +82,25 @@ def chat_renderer(tokenizer: Any, cfg: Any = None) -> Renderer:
         raise GrapeError("the chat template changed the response text; cannot locate it to score")
 
     return render
+
+
+IGNORE_INDEX = -100  # the label of positions a host does not train on (Axolotl, LLaMA-Factory, HF)
+
+
+def labelled_span(input_ids: Sequence[int], labels: Sequence[int]) -> Rendered:
+    """A host's own tokens, scored on its last contiguous run of labelled positions (``labels[p]`` is token ``p``).
+
+    That run is the final response as the host trains on it (with its end-of-turn tokens, if it labels them).
+    """
+    end = next((p + 1 for p in range(len(labels) - 1, -1, -1) if labels[p] != IGNORE_INDEX), None)
+    if end is None:
+        raise GrapeError("the host labels no token of this row (nothing would be trained on)")
+    start = end - 1
+    while start > 0 and labels[start - 1] != IGNORE_INDEX:
+        start -= 1
+    if start == 0:
+        raise GrapeError("the host labels the whole row; no prompt token to condition the response on")
+    return Rendered(tuple(input_ids), start, end)
 
 
 def fit_length(item: Rendered, max_length: Optional[int], policy: str) -> Optional[Rendered]:

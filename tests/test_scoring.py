@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import build_tiny_model, pool_rows
 
-from grape_plugin import GrapeConfig, GrapeError
+from grape_plugin import GrapeError
 from grape_plugin.models import load_model
 from grape_plugin.render import Rendered, chat_renderer, fit_length, paper_renderer
 from grape_plugin.scoring import TransformersScorer, shared_prefixes, token_batches
@@ -143,3 +143,14 @@ def test_gguf_without_the_gguf_package(tmp_path, monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gguf" else real(name, *a))
     with pytest.raises(GrapeError, match="needs the gguf package: pip install gguf"):
         load_model(str(gguf), device="cpu")
+
+
+def test_labelled_span_is_the_last_labelled_run():
+    from grape_plugin.render import labelled_span
+
+    ids = [5, 6, 7, 8, 9, 10, 11]
+    assert labelled_span(ids, [-100, 6, -100, -100, 9, 10, -100]) == Rendered(tuple(ids), 4, 6)
+    with pytest.raises(GrapeError, match="labels no token"):
+        labelled_span(ids, [-100] * 7)
+    with pytest.raises(GrapeError, match="labels the whole row"):
+        labelled_span(ids, ids)

@@ -12,23 +12,7 @@ from typing import Any, Callable
 
 from grape_plugin.candidates import Message
 from grape_plugin.errors import GrapeError
-from grape_plugin.render import Rendered, Renderer
-
-IGNORE = -100
-
-
-def labelled_span(labels: list[int]) -> tuple[int, int]:
-    """The last contiguous run of labelled positions, as ``[start, end)``."""
-    end = next((p + 1 for p in range(len(labels) - 1, -1, -1) if labels[p] != IGNORE), None)
-    if end is None:
-        raise GrapeError("Axolotl labels no token of this row (nothing would be trained on)")
-    start = end - 1
-    while start > 0 and labels[start - 1] != IGNORE:
-        start -= 1
-    if start == 0:
-        raise GrapeError("Axolotl labels the whole row, prompt included; no response span to score")
-    return start, end
-
+from grape_plugin.render import Rendered, Renderer, labelled_span
 
 def entry_strategy(cfg: Any, tokenizer: Any, entry_cfg: Any, rows: Any, where: str) -> Any:
     """The prompt-tokenising strategy Axolotl builds for one ``datasets:`` entry, with prompt labels off."""
@@ -63,7 +47,6 @@ def train_renderer(row_of: Callable[[list[Message], str], tuple[Any, dict]]) -> 
     def render(prompt: list[Message], response: str) -> Rendered:
         strategy, row = row_of(prompt, response)
         tokens = strategy.tokenize_prompt(row)
-        start, end = labelled_span(list(tokens["labels"]))
-        return Rendered(tuple(tokens["input_ids"]), start, end)
+        return labelled_span(tokens["input_ids"], tokens["labels"])
 
     return render

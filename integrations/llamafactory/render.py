@@ -14,8 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from grape_plugin.candidates import Drops, Message
-from grape_plugin.errors import GrapeError
-from grape_plugin.render import Renderer, Rendered
+from grape_plugin.render import Renderer, Rendered, labelled_span
 
 # ModelArguments that change the loaded model (beyond its files); absent ones (other versions) read as None
 MODEL_KEYS = (
@@ -23,21 +22,6 @@ MODEL_KEYS = (
     "flash_attn", "shift_attn", "mixture_of_depths", "use_unsloth", "upcast_layernorm", "upcast_lmhead_output",
     "resize_vocab", "new_special_tokens", "add_tokens", "add_special_tokens", "train_from_scratch",
 )  # fmt: skip
-
-
-def labelled_span(input_ids: list[int], labels: list[int]) -> Rendered:
-    """The ids with the last contiguous run of labels (``labels[p]`` is token ``p``, unshifted) as the span."""
-    from llamafactory.extras.constants import IGNORE_INDEX
-
-    marked = [p for p, label in enumerate(labels) if label != IGNORE_INDEX]
-    if not marked:
-        raise GrapeError("LLaMA-Factory's encoding labels no token of the response")
-    end = start = marked[-1] + 1
-    while start > 0 and labels[start - 1] != IGNORE_INDEX:
-        start -= 1
-    if start == 0:
-        raise GrapeError("the response starts the sequence: no prompt token to condition on")
-    return Rendered(tuple(input_ids), start, end)
 
 
 def train_renderer(
