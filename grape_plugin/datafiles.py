@@ -74,6 +74,17 @@ def find_bad_json(path: Path) -> None:
                 raise input_error(str(path), i, key, f"is a {kind}, but row {at + 1} has a {first}")
 
 
+def safe_filename(name: str, suffix: str = "") -> str:
+    """A file name made from a config-supplied ``name`` that cannot leave its folder (no separators, no ``..``)."""
+    import hashlib
+    import re
+
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name).lstrip(".")
+    if safe != name or not safe:
+        safe = f"{safe}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+    return safe + suffix
+
+
 def write_dataset(data: Any, out_dir: Path, stem: str, like: Path) -> Path:
     """Write ``data`` into ``out_dir`` in the same kind of file as ``like`` (JSONL for JSON input)."""
     suffix = like.suffix.lower() if like.is_file() else ""

@@ -90,3 +90,13 @@ def test_mixed_shapes_name_the_row(tmp_path):
             {"instruction": "q", "output": "b"}]
     with pytest.raises(GrapeError, match=r"mixed.jsonl: row 2: field 'messages': must be a non-empty list"):
         read(write_jsonl(tmp_path / "mixed.jsonl", rows), GrapeConfig(cache_dir=None))
+
+
+def test_names_from_configs_cannot_escape_the_output_folder(tmp_path):
+    from grape_plugin.datafiles import safe_filename
+
+    assert safe_filename("pooled_sft", ".jsonl") == "pooled_sft.jsonl"
+    for name in ("../../etc/passwd", "/abs/path", "..", "a/b", "con\x00x"):
+        made = tmp_path / safe_filename(name, ".jsonl")
+        assert made.parent == tmp_path and made.resolve().is_relative_to(tmp_path.resolve())
+    assert safe_filename("a/b") != safe_filename("a_b")  # no collision with a name that was already safe

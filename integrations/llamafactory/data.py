@@ -18,6 +18,7 @@ from typing import Any, Iterator, Optional
 
 from grape_plugin.candidates import Candidate, Drops, Group, prompt_key
 from grape_plugin.config import GrapeConfig
+from grape_plugin.datafiles import safe_filename
 from grape_plugin.errors import GrapeError, input_error
 from grape_plugin.formats import SOURCE_COLUMNS
 from grape_plugin.pipeline import Selection
@@ -225,10 +226,10 @@ def write_selection(
         by_entry[cand.slot].append((cand.row, training_row(group, cand)))
     new_info = {name: absolute_entry(entry, dataset_dir) for name, entry in info.items()}
     for e in entries:
-        new_info[e.name] = {"file_name": f"{e.name}.jsonl", **SHAREGPT_ENTRY}
+        new_info[e.name] = {"file_name": safe_filename(e.name, ".jsonl"), **SHAREGPT_ENTRY}
         if e.info.get("num_samples") is not None:
             new_info[e.name]["num_samples"] = e.info["num_samples"]
-        with open(out / f"{e.name}.jsonl", "w", encoding="utf-8") as fh:
+        with open(out / safe_filename(e.name, ".jsonl"), "w", encoding="utf-8") as fh:
             for _, row in sorted(by_entry[e.name], key=lambda r: r[0]):
                 fh.write(json.dumps(row, ensure_ascii=False) + "\n")
     (out / "dataset_info.json").write_text(json.dumps(new_info, indent=2, ensure_ascii=False) + "\n")

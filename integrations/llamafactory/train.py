@@ -28,6 +28,7 @@ from typing import Any, Optional
 import grape_plugin
 from grape_plugin.candidates import Drops, finish_groups
 from grape_plugin.config import GrapeConfig, default_cache_dir
+from grape_plugin.datafiles import safe_filename
 from grape_plugin.errors import GrapeError
 from grape_plugin.pipeline import Selection, run_groups, write_report
 
@@ -200,7 +201,7 @@ def publish(plan: Plan, selection: Selection, out: Path) -> None:
 
 def redirect(plan: Plan, folder: Path) -> Any:
     """The run's arguments with ``dataset_dir`` at the selection (``media_dir`` stays the original one)."""
-    empty = {e.name for e in plan.entries if (folder / f"{e.name}.jsonl").stat().st_size == 0}
+    empty = {e.name for e in plan.entries if (folder / safe_filename(e.name, ".jsonl")).stat().st_size == 0}
     for name in sorted(empty):
         LOG.warning("dataset '%s': no candidate of it was selected; it is left out of the run", name)
     names = [n for n in plan.data_args.dataset if n not in empty]
