@@ -22,12 +22,13 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from grape_plugin.models import load_model
+from grape_plugin.models import export_model, load_model
 from grape_plugin.render import Rendered, fit_length, paper_renderer
 from grape_plugin.scoring import Score, TransformersScorer, shared_prefixes
 
@@ -124,18 +125,17 @@ def probe_memory(args: argparse.Namespace) -> None:
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
-def our_peak_rss(args: argparse.Namespace, dtype: str) -> int:
+def our_peak_rss(args: argparse.Namespace, dtype: str, batch_tokens: int) -> int:
     """Peak RSS of a fresh process that loads one model and scores with grape-plugin (allocator state of the
     other methods would otherwise leak into the figure)."""
     cmd = [sys.executable, __file__, "--probe-memory", dtype, "--instructions", str(args.instructions),
-           "--max-length", str(args.max_length), "--batch-tokens", str(args.batch_tokens)]
-    cmd += ["--model", args.model] if args.model else []
+           "--max-length", str(args.max_length), "--batch-tokens", str(batch_tokens), "--model", args.model]
     return int(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()[-1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="folder or .gguf (default: the embedded SmolLM2)")
+    ap.add_argument("--model", default=None, help="folder or .gguf (default: the embedded SmolLM2, exported to a folder)")
     ap.add_argument("--instructions", type=int, default=10)
     ap.add_argument("--max-length", type=int, default=256, help="pool pairs are truncated to this many tokens")
     ap.add_argument("--batch-tokens", type=int, default=4096)
@@ -144,6 +144,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.probe_memory:
         return probe_memory(args)
+    if args.model is None or args.model.endswith(".gguf"):
+        # base models ship as safetensors folders; GGUF dequantisation alone would dominate load time and memory
+        args.model = str(export_model(args.model, tempfile.mkdtemp(prefix="grape-bench-")))
 
     fp32 = load_model(args.model, device="cpu", dtype="fp32")
     bf16 = load_model(args.model, device="cpu", dtype="bf16")
@@ -173,8 +176,13 @@ def main() -> None:
         results[name] = rows
     pool, pre = results["pool"], results["prefix"]
     ours = [r for w in results.values() for k, r in w.items() if k.startswith("ours")]
-    peak = max(our_peak_rss(args, dtype) for dtype in ("fp32", "bf16"))
-    print(f"\ngrape-plugin alone (fresh process, one model, both workloads): peak RSS {peak / 2**30:.2f} GiB")
+    print("\ngrape-plugin alone (a fresh process: one model, both workloads), peak RSS:")
+    peak = 0
+    for dtype in ("fp32", "bf16"):
+        for batch_tokens in (args.batch_tokens, 4 * args.batch_tokens):
+            rss = our_peak_rss(args, dtype, batch_tokens)
+            peak = max(peak, rss)
+            print(f"  {dtype} --batch-tokens {batch_tokens:6d}: {rss / 2**30:.2f} GiB")
     print(f"weights {weights / 2**30:.2f} GiB; targets: fp32 >= 1.0 (diff <= 1e-4, same winners), bf16 >= 2.0 "
           f"(>= 98% agreement), prefix >= 2.5, peak RSS <= weights + 1 GiB, waste <= 1.05")
     print(f"fp32_speedup={pool['ours fp32']['ratio']:.2f} bf16_speedup={pool['ours bf16']['ratio']:.2f} "

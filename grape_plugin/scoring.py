@@ -16,6 +16,7 @@ from .hookspecs import hookimpl
 from .render import Rendered
 
 HEAD_CHUNK_BYTES = 1 << 28  # fp32 logits held at once by the chunked LM head
+MAX_PADDING = 0.04  # a padded batch is cut rather than let padding pass this fraction of its positions
 SHARE_MIN_SAVED = 256  # share an instruction's prefix when that saves at least this many token positions
 
 
@@ -42,16 +43,20 @@ class Scorer(Protocol):
     def close(self) -> None: ...
 
 
-def token_batches(items: Sequence[Rendered], batch_tokens: int) -> Iterator[list[int]]:
-    """Indices of ``items``, longest first, in batches whose padded size stays within ``batch_tokens``."""
+def token_batches(items: Sequence[Rendered], batch_tokens: int, max_padding: float = 1.0) -> Iterator[list[int]]:
+    """Indices of ``items``, longest first, in batches whose padded size stays within ``batch_tokens`` and whose
+    padding stays within the fraction ``max_padding`` of it."""
     order = sorted(range(len(items)), key=lambda i: -len(items[i].input_ids))
     batch: list[int] = []
+    filled = 0
     for i in order:
-        longest = len(items[batch[0]].input_ids) if batch else len(items[i].input_ids)
-        if batch and longest * (len(batch) + 1) > batch_tokens:
+        size = len(items[i].input_ids)
+        padded = len(items[batch[0]].input_ids) * (len(batch) + 1) if batch else size
+        if batch and (padded > batch_tokens or 1 - (filled + size) / padded > max_padding):
             yield batch
-            batch = []
+            batch, filled = [], 0
         batch.append(i)
+        filled += size
     if batch:
         yield batch
 
@@ -89,7 +94,14 @@ class TransformersScorer:
     and eager attention get length-sorted padded batches.
     """
 
-    def __init__(self, loaded: Any, batch_tokens: int = 4096, pack: Optional[bool] = None, share_prefixes: bool = True):
+    def __init__(
+        self,
+        loaded: Any,
+        batch_tokens: int = 4096,
+        pack: Optional[bool] = None,
+        share_prefixes: bool = True,
+        max_padding: float = MAX_PADDING,
+    ):
         from .errors import GrapeError
 
         self.model, self.tokenizer, self.identity = loaded.model, loaded.tokenizer, loaded.identity
@@ -99,6 +111,7 @@ class TransformersScorer:
             raise GrapeError(f"{type(self.model).__name__}: cannot separate the model body from its LM head")
         self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
         self.batch_tokens = batch_tokens
+        self.max_padding = max_padding
         attn = getattr(self.model.config, "_attn_implementation", "")
         self.pack = pack if pack is not None else attn.startswith("flash_attention")
         self.share_prefixes = share_prefixes
@@ -112,7 +125,8 @@ class TransformersScorer:
         for shared, members in jobs:
             prefix = self._prefix_cache(items[members[0]].input_ids[:shared]) if shared else None
             sub = [items[i] for i in members]
-            for batch in token_batches([Rendered(r.input_ids[shared:], 0, 0) for r in sub], self.batch_tokens):
+            tails = [Rendered(r.input_ids[shared:], 0, 0) for r in sub]
+            for batch in token_batches(tails, self.batch_tokens, 1.0 if self.pack and not shared else self.max_padding):
                 scores = self._score_backing_off([sub[b] for b in batch], shared, prefix)
                 for b, s in zip(batch, scores):
                     results[members[b]] = s

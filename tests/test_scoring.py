@@ -55,7 +55,7 @@ def test_scores_equal_direct_computation_batched_or_not(loaded):
     rows = pool_rows(2)
     items = [render([{"role": "user", "content": r["instruction"]}], r["output"][:600]) for r in rows]
     one_at_a_time = TransformersScorer(loaded, batch_tokens=1).score(items)
-    batched = TransformersScorer(loaded, batch_tokens=100_000).score(items)
+    batched = TransformersScorer(loaded, batch_tokens=100_000, max_padding=1.0).score(items)
     assert len({len(i.input_ids) for i in items}) > 5  # real padding happens in the batched run
     for item, a, b in zip(items, one_at_a_time, batched):
         assert a.n_tokens == b.n_tokens == item.n_tokens
@@ -87,7 +87,7 @@ def test_shared_prefix_scores_are_exact_and_cheaper(loaded):
 def test_packed_rows_score_like_padded_batches(loaded):
     items = long_prompt_items(loaded) + [paper_renderer(loaded.tokenizer)(PROMPT, "Green.")]
     packed = TransformersScorer(loaded, batch_tokens=100_000, pack=True, share_prefixes=False)
-    padded = TransformersScorer(loaded, batch_tokens=100_000, pack=False, share_prefixes=False)
+    padded = TransformersScorer(loaded, batch_tokens=100_000, pack=False, share_prefixes=False, max_padding=1.0)
     for x, y in zip(packed.score(items), padded.score(items)):
         assert abs(x.mean - y.mean) < 1e-5
     assert packed.positions_run == sum(len(i.input_ids) for i in items) < padded.positions_run
@@ -99,10 +99,13 @@ def test_token_batches_respect_the_budget():
     assert sorted(i for b in batches for i in b) == [0, 1, 2, 3, 4]
     assert all(len(b) * max(len(items[i].input_ids) for i in b) <= 18 or len(b) == 1 for b in batches)
     assert batches[0] == [1, 3]  # longest first
+    for batch in token_batches(items, 1000, max_padding=0.25):
+        lengths = [len(items[i].input_ids) for i in batch]
+        assert 1 - sum(lengths) / (max(lengths) * len(lengths)) <= 0.25
 
 
 def test_out_of_memory_halves_the_batch(loaded, monkeypatch):
-    scorer = TransformersScorer(loaded, batch_tokens=100_000)
+    scorer = TransformersScorer(loaded, batch_tokens=100_000, max_padding=1.0)
     render = paper_renderer(loaded.tokenizer)
     items = [render(PROMPT, f"Colour number {i} is nice.") for i in range(4)]
     expected = TransformersScorer(loaded, batch_tokens=1).score(items)
