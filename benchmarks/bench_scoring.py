@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -122,7 +121,9 @@ def probe_memory(args: argparse.Namespace) -> None:
     loaded = load_model(args.model, device="cpu", dtype=args.probe_memory)
     for groups in workloads(loaded.tokenizer, args.instructions, args.max_length).values():
         TransformersScorer(loaded, batch_tokens=args.batch_tokens).score([r for g in groups for r in g])
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    # VmHWM restarts at exec; ru_maxrss would carry the parent's peak over into this child
+    with open("/proc/self/status") as fh:
+        print(next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:")))
 
 
 def our_peak_rss(args: argparse.Namespace, dtype: str, batch_tokens: int) -> int:

@@ -15,7 +15,7 @@ from .config import GrapeConfig
 from .hookspecs import hookimpl
 from .render import Rendered
 
-HEAD_CHUNK_BYTES = 1 << 28  # fp32 logits held at once by the chunked LM head
+HEAD_CHUNK_BYTES = 1 << 26  # fp32 logits held at once by the chunked LM head (64 MiB)
 MAX_PADDING = 0.04  # a padded batch is cut rather than let padding pass this fraction of its positions
 SHARE_MIN_SAVED = 256  # share an instruction's prefix when that saves at least this many token positions
 
