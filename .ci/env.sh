@@ -8,14 +8,16 @@ env_for() {  # prints the path of a ready environment for suite $1
   key=$(cat "$req" "$nodeps" <(python3 --version) | sha256sum | cut -c1-12)
   dir="$cache/$1-$key"
   if [ ! -f "$dir/.ready" ]; then
-    echo "building the $1 environment in $dir" >&2
+    echo "building the $1 environment in $dir (log: $dir.log)" >&2
     rm -rf "$dir" && python3 -m venv "$dir"
-    "$dir/bin/pip" install -q --upgrade pip >&2
-    "$dir/bin/pip" install -q -r "$req" >&2
-    "$dir/bin/pip" install -q --no-deps -r "$nodeps" >&2
+    { "$dir/bin/pip" install -q --upgrade pip && "$dir/bin/pip" install -q -r "$req" \
+        && "$dir/bin/pip" install -q --no-deps -r "$nodeps"; } >"$dir.log" 2>&1 \
+      || { tail -n 30 "$dir.log" >&2; return 1; }
     touch "$dir/.ready"
   fi
-  "$dir/bin/pip" install -q --no-deps --no-build-isolation -e "$root" >&2  # this checkout's code
+  # this checkout's code, quietly (pip and setuptools chatter goes to the log)
+  "$dir/bin/pip" install -q --no-deps --no-build-isolation -e "$root" >>"$dir.log" 2>&1 \
+    || { tail -n 30 "$dir.log" >&2; return 1; }
   echo "$dir"
 }
 
