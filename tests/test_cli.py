@@ -162,3 +162,11 @@ def test_entry_point_plugin_is_discovered(tmp_path):
     result = grape("plugins", env=env)
     assert result.returncode == 0, result.stderr
     assert "selectors: best, worst, random, first" in result.stdout and "extra" in result.stdout
+
+
+def test_remote_code_runs_only_when_asked(pool_file):
+    from grape_plugin.cli import build_config, parser
+
+    args = ["select", str(pool_file), "-o", "out"]
+    assert build_config(parser().parse_args(args)).trust_remote_code is False
+    assert build_config(parser().parse_args(args + ["--trust-remote-code"])).trust_remote_code is True
