@@ -6,7 +6,7 @@ when there is none, or one rank, everything here is a no-op.
 
 from __future__ import annotations
 
-from typing import Any, TypeVar
+from typing import Any, Callable, TypeVar
 
 T = TypeVar("T")
 
@@ -20,13 +20,11 @@ def rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def shard(items: list[T], key: Any = None) -> list[T]:
-    """This rank's share: every ``world``-th item (by position, or by ``key(item)``'s position among distinct keys)."""
+def shard(items: list[T], key: Callable[[T], Any]) -> list[T]:
+    """This rank's share: the items whose ``key`` is every ``world``-th distinct key (so a group stays on one rank)."""
     rank, world = rank_world()
     if world == 1:
         return items
-    if key is None:
-        return items[rank::world]
     order = {k: n for n, k in enumerate(dict.fromkeys(key(i) for i in items))}
     return [i for i in items if order[key(i)] % world == rank]
 
