@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .errors import GrapeError, input_error
 
@@ -83,6 +83,29 @@ def safe_filename(name: str, suffix: str = "") -> str:
     if safe != name or not safe:
         safe = f"{safe}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
     return safe + suffix
+
+
+def publish_folder(folder: Path, fill: Callable[[Path], None]) -> None:
+    """Make ``folder`` appear whole or not at all: ``fill`` writes a staging sibling that is then renamed into
+    place. When another process (a rank, a node, a concurrent run) published it first, the staged copy is dropped."""
+    import os
+    import shutil
+    import socket
+
+    staging = folder.with_name(f"{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        fill(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    try:
+        os.replace(staging, folder)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not folder.is_dir():
+            raise
 
 
 def write_dataset(data: Any, out_dir: Path, stem: str, like: Path) -> Path:

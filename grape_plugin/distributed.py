@@ -41,6 +41,11 @@ def all_gather(local: list[T]) -> list[T]:
     return [x for part in parts for x in part]
 
 
+def on_all_ranks(flag: bool) -> bool:
+    """Whether ``flag`` holds on every rank (so all ranks take the same branch)."""
+    return all(all_gather([flag]))
+
+
 def barrier() -> None:
     """Wait for every rank (no-op without a process group)."""
     import torch.distributed as dist

@@ -100,3 +100,21 @@ def test_names_from_configs_cannot_escape_the_output_folder(tmp_path):
         made = tmp_path / safe_filename(name, ".jsonl")
         assert made.parent == tmp_path and made.resolve().is_relative_to(tmp_path.resolve())
     assert safe_filename("a/b") != safe_filename("a_b")  # no collision with a name that was already safe
+
+
+def test_a_published_folder_is_whole_or_absent(tmp_path):
+    from grape_plugin.datafiles import publish_folder
+
+    target = tmp_path / "selection"
+
+    def broken(staging):
+        (staging / "half.jsonl").write_text("{}")
+        raise RuntimeError("killed mid-write")
+
+    with pytest.raises(RuntimeError):
+        publish_folder(target, broken)
+    assert not target.exists()
+    publish_folder(target, lambda staging: (staging / "done").write_text("first"))
+    publish_folder(target, lambda staging: (staging / "done").write_text("second"))  # lost the race: dropped
+    assert (target / "done").read_text() == "first"
+    assert [p.name for p in tmp_path.iterdir()] == ["selection"]  # no staging copy is left behind

@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass, replace
 from itertools import chain
 from pathlib import Path
@@ -198,31 +197,26 @@ def run_selection(cfg: Any, gcfg: GrapeConfig, pooled: Pooled) -> Selection:
 
 def write_selection(folder: Path, pooled: Pooled, selection: Selection, key: str) -> None:
     """Write the kept rows (one JSONL per entry that kept any) and the reports; the folder appears complete or not at all."""
+    from grape_plugin.datafiles import publish_folder
     from grape_plugin.report import summary_text
 
-    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    files: dict[str, str] = {}
-    for entry in pooled.entries:
-        picks = [(g, entry.local(c)) for g, c in selection.picks() if pooled.entry(c.row) is entry]
-        if picks:
-            files[str(entry.index)] = name = f"selected_{entry.index}.jsonl"
-            entry.fmt.selected(entry.rows, picks, entry.ctx).to_json(str(tmp / name), lines=True, force_ascii=False)
-    write_report(selection, tmp)
-    manifest = {
-        "key": key,
-        "files": files,
-        "datasets": [{"index": e.index, "path": str(e.config.path), "first_row": e.offset} for e in pooled.entries],
-        "summary": summary_text(selection),
-    }
-    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
-    try:
-        tmp.rename(folder)
-    except OSError:
-        if not (folder / MANIFEST).is_file():
-            raise
-        shutil.rmtree(tmp)  # another run wrote the same selection first
+    def fill(tmp: Path) -> None:
+        files: dict[str, str] = {}
+        for entry in pooled.entries:
+            picks = [(g, entry.local(c)) for g, c in selection.picks() if pooled.entry(c.row) is entry]
+            if picks:
+                files[str(entry.index)] = name = f"selected_{entry.index}.jsonl"
+                entry.fmt.selected(entry.rows, picks, entry.ctx).to_json(str(tmp / name), lines=True, force_ascii=False)
+        write_report(selection, tmp)
+        manifest = {
+            "key": key,
+            "files": files,
+            "datasets": [{"index": e.index, "path": str(e.config.path), "first_row": e.offset} for e in pooled.entries],
+            "summary": summary_text(selection),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
+
+    publish_folder(folder, fill)
 
 
 def init_process_group() -> None:
@@ -245,7 +239,7 @@ def repoint(entry_cfg: Any, path: Path) -> Any:
 
 def select_datasets(cfg: Any, prepared_default: str) -> None:
     """Point ``cfg.datasets`` at the GRAPE selection, selecting first unless it is on disk."""
-    from grape_plugin.distributed import all_gather, barrier, rank_world
+    from grape_plugin.distributed import barrier, on_all_ranks, rank_world
 
     gcfg = grape_config(cfg)
     check_run(cfg)
@@ -253,7 +247,7 @@ def select_datasets(cfg: Any, prepared_default: str) -> None:
     entries = load_entries(cfg, gcfg)
     key = selection_key(cfg, gcfg, entries)
     folder = Path(cfg.dataset_prepared_path or prepared_default) / "grape" / key
-    if all(all_gather([(folder / MANIFEST).is_file()])):
+    if on_all_ranks((folder / MANIFEST).is_file()):
         LOG.info("GRAPE: reusing the selection in %s", folder)
     else:
         LOG.info("GRAPE: selecting with %s (template %s) into %s", gcfg.model, gcfg.template, folder)

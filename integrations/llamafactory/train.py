@@ -16,8 +16,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -223,7 +221,8 @@ def prepare(args: Any) -> Any:
     No collective runs inside ``main_process_first``: all ranks score their share, one writer per node (or one
     in all, with ``data_shared_file_system``) publishes atomically, and everyone meets at a barrier.
     """
-    from grape_plugin.distributed import all_gather, barrier
+    from grape_plugin.datafiles import publish_folder
+    from grape_plugin.distributed import barrier, on_all_ranks
 
     plan = make_plan(args)
     if plan is None:
@@ -231,16 +230,11 @@ def prepare(args: Any) -> Any:
     t = plan.training_args
     _ = t.device  # under torchrun this starts the process group that LLaMA-Factory's trainer then uses
     folder = plan.folder()
-    reused = all(all_gather([(folder / DATA_CONFIG).is_file()]))
+    reused = on_all_ranks((folder / DATA_CONFIG).is_file())
     if not reused:
         selection = select(plan)
         if (t.process_index if plan.data_args.data_shared_file_system else t.local_process_index) == 0:
-            staging = folder.with_name(f"{folder.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-            publish(plan, selection, staging)
-            try:
-                os.replace(staging, folder)
-            except OSError:  # another process published it first
-                shutil.rmtree(staging)
+            publish_folder(folder, lambda staging: publish(plan, selection, staging))
         barrier()
     if t.process_index == 0:
         summary = (folder / "summary.txt").read_text(encoding="utf-8").rstrip()
