@@ -7,27 +7,31 @@ Python API (the CLI and the host integrations are thin layers over it)::
     write(data, selection, "out/")
 """
 
-from .candidates import Candidate, Drops, Group
 from .config import GrapeConfig
 from .errors import GrapeError
 from .hookspecs import hookimpl
-from .pipeline import Selection, read, render_groups, run, run_groups, score, select, write
+from .pipeline import read, run, run_groups, write
+from .records import Candidate, Drops, Group, Grouped, Score, Selection, Stats
+from .render import render_groups
+from .selection import select
+from .version import __version__
 
-__version__ = "0.1.0"
 __all__ = [
     "Candidate",
     "Drops",
     "GrapeConfig",
     "GrapeError",
     "Group",
+    "Grouped",
+    "Score",
     "Selection",
+    "Stats",
     "__version__",
     "hookimpl",
     "read",
     "render_groups",
     "run",
     "run_groups",
-    "score",
     "select",
     "write",
 ]

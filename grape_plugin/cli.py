@@ -5,51 +5,43 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any, Optional, Sequence
+from typing import Any, Literal, Optional, Sequence, Union, get_args, get_origin
+
+from pydantic.fields import FieldInfo
 
 from .config import GrapeConfig, load_config_file
 from .errors import GrapeError
 
-# flag -> GrapeConfig field, for the options shared by preview and select
-OPTIONS: dict[str, dict[str, Any]] = {
-    "--model": {"help": "local folder, hub id or .gguf file (default: the embedded SmolLM2)"},
-    "--revision": {"help": "hub revision of --model"},
-    "--template": {"help": "paper (default), chat, or a registered renderer"},
-    "--top-k": {"type": int, "help": "responses kept per instruction (default 1)"},
-    "--strategy": {"help": "best (GRAPE, default), worst, random, or a registered selector"},
-    "--seed": {"type": int, "help": "seed of --strategy random"},
-    "--budget": {"type": int, "help": "keep the N instructions whose selected responses fit best"},
-    "--budget-fraction": {"type": float, "help": "keep this fraction of instructions instead"},
-    "--min-candidates": {"type": int, "help": "drop instructions with fewer distinct responses (default 1)"},
-    "--batch-tokens": {"type": int, "help": "padded tokens per forward pass (default 4096)"},
-    "--max-length": {"type": int, "help": "longest prompt+response in tokens"},
-    "--over-length": {"choices": ["drop", "truncate"], "help": "what to do with longer sequences (default drop)"},
-    "--scorer": {"help": "transformers (default), vllm (needs grape-plugin[vllm]), or a registered scorer"},
-    "--device": {"help": "auto (default), cpu, cuda, cuda:1, ..."},
-    "--dtype": {"choices": ["auto", "fp32", "bf16", "fp16"], "help": "auto: fp32 on CPU, bf16 on CUDA"},
-    "--format": {"help": "input shape: auto (default), long, list, messages, preference"},
-    "--id-column": {"help": "column that groups rows of one instruction (default: id, else the prompt)"},
-    "--source-column": {"help": "column naming each response's source (default: generator/source/model)"},
-    "--response-column": {"help": "column with the response in long rows"},
-    "--candidates-column": {"help": "column with a list of candidate responses"},
-    "--cache-dir": {"help": "where scores persist (default ~/.cache/grape-plugin)"},
-}
+def config_flag(name: str, field: FieldInfo) -> tuple[str, dict[str, Any]]:
+    """The command-line flag of a ``GrapeConfig`` field: its type, choices, help and default come from the field."""
+    kind = field.annotation
+    if get_origin(kind) is Union:  # Optional[X]
+        kind = next(a for a in get_args(kind) if a is not type(None))
+    default = field.get_default(call_default_factory=True)
+    shown = "" if default is None or default is False else f" (default: {default})"
+    kwargs: dict[str, Any] = {"default": None, "help": f"{field.description}{shown}"}
+    if kind is bool:
+        kwargs["action"] = "store_true"
+    elif get_origin(kind) is Literal:
+        kwargs["choices"] = list(get_args(kind))
+    elif kind in (int, float):
+        kwargs["type"] = kind
+    return "--" + name.replace("_", "-"), kwargs
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data", help="JSON, JSONL, Parquet, CSV file or saved dataset folder")
     parser.add_argument("--config", help="YAML file with the same keys (a top-level grape: block is fine)")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write the score cache")
-    parser.add_argument("--trust-remote-code", action="store_true", default=None, help="run the model's own code")
-    for flag, kwargs in OPTIONS.items():
-        parser.add_argument(flag, default=None, **kwargs)
+    for name, field in GrapeConfig.model_fields.items():
+        flag, kwargs = config_flag(name, field)
+        parser.add_argument(flag, dest=name, **kwargs)
 
 
 def build_config(args: argparse.Namespace) -> GrapeConfig:
     """The config file's keys, overridden by the flags given on the command line."""
     values: dict[str, Any] = load_config_file(args.config) if args.config else {}
-    names = [f.lstrip("-").replace("-", "_") for f in OPTIONS] + ["trust_remote_code"]
-    values.update({n: getattr(args, n) for n in names if getattr(args, n) is not None})
+    values.update({n: getattr(args, n) for n in GrapeConfig.model_fields if getattr(args, n) is not None})
     if args.no_cache:
         values["cache_dir"] = None
     return GrapeConfig.from_mapping(values, where=args.config or "options")

@@ -24,31 +24,31 @@ class GrapeConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     # scoring
-    model: Optional[str] = Field(None, description="folder, hub id or .gguf file; default: the embedded SmolLM2")
-    revision: Optional[str] = None
-    trust_remote_code: bool = False
-    template: str = Field("paper", description="paper, chat, or a host's own rendering (train)")
-    scorer: str = "transformers"
-    device: str = "auto"
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    model: Optional[str] = Field(None, description="local folder, hub id or .gguf file (default: the embedded SmolLM2)")
+    revision: Optional[str] = Field(None, description="hub revision of the model")
+    trust_remote_code: bool = Field(False, description="run the model's own code from its folder or the hub")
+    template: str = Field("paper", description="paper (Question:/Answer:), chat (the tokenizer's), or a registered one")
+    scorer: str = Field("transformers", description="transformers, vllm (grape-plugin[vllm]), or a registered scorer")
+    device: str = Field("auto", description="auto (this rank's CUDA device, else the CPU), cpu, cuda, cuda:1, ...")
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: fp32 on CPU, bf16 on CUDA")
     batch_tokens: int = Field(4096, gt=0, description="padded tokens per forward pass")
     max_length: Optional[int] = Field(None, gt=1, description="longest prompt+response in tokens")
-    over_length: Literal["drop", "truncate"] = "drop"
+    over_length: Literal["drop", "truncate"] = Field("drop", description="what happens to longer sequences")
     # selection
-    strategy: str = "best"
-    top_k: int = Field(1, ge=1)
-    seed: int = 0
-    budget: Optional[int] = Field(None, ge=1, description="keep the N best-fitting instructions")
-    budget_fraction: Optional[float] = Field(None, gt=0, le=1)
-    min_candidates: int = Field(1, ge=1)
+    strategy: str = Field("best", description="best (GRAPE), worst, random, or a registered selector")
+    top_k: int = Field(1, ge=1, description="responses kept per instruction")
+    seed: int = Field(0, description="seed of the random strategy")
+    budget: Optional[int] = Field(None, ge=1, description="keep the N instructions whose kept responses fit best")
+    budget_fraction: Optional[float] = Field(None, gt=0, le=1, description="keep this fraction of instructions")
+    min_candidates: int = Field(1, ge=1, description="drop instructions with fewer distinct responses")
     # reading
-    format: str = "auto"
-    id_column: Optional[str] = None
-    source_column: Optional[str] = None
-    response_column: Optional[str] = None
-    candidates_column: Optional[str] = None
+    format: str = Field("auto", description="input shape: auto, long, list, messages, preference, or a registered one")
+    id_column: Optional[str] = Field(None, description="column that groups the rows of one instruction")
+    source_column: Optional[str] = Field(None, description="column naming each response's source")
+    response_column: Optional[str] = Field(None, description="column with the response in long rows")
+    candidates_column: Optional[str] = Field(None, description="column with a list of candidate responses")
     # cache
-    cache_dir: Optional[Path] = Field(default_factory=default_cache_dir)
+    cache_dir: Optional[Path] = Field(default_factory=default_cache_dir, description="where scores persist")
 
     @model_validator(mode="after")
     def _one_budget(self) -> "GrapeConfig":
@@ -63,6 +63,31 @@ class GrapeConfig(BaseModel):
             return cls(**data)
         except ValidationError as exc:
             raise GrapeError(config_error_message(exc, where)) from None
+
+
+HOST_TEMPLATE = "train"  # a host's own tokens and labels: the default template of every host integration
+HOST_DECIDES = ("model", "revision", "trust_remote_code", "dtype", "device", "scorer")  # the run's, not the block's
+
+
+def host_config(block: Any, defaults: dict[str, Any], where: str, hints: dict[str, str]) -> "GrapeConfig":
+    """A host's GRAPE block (a mapping, or ``True``/``{}`` for the defaults) over the run's ``defaults``.
+
+    The scoring model is the model the run trains, so the keys in ``HOST_DECIDES`` are refused with the host's own
+    ``hints`` (where to set them instead); the template is ``train`` or a registered one.
+    """
+    from .plugins import registry
+
+    block = {} if block is True else block
+    if not isinstance(block, dict):
+        raise GrapeError(f"{where}: must be a mapping of GRAPE options, got {type(block).__name__}")
+    for key in block:
+        if key in HOST_DECIDES:
+            raise GrapeError(f"{where}: '{key}' cannot be set here: {hints.get(key, 'the run decides it')}")
+    cfg = GrapeConfig.from_mapping({"template": HOST_TEMPLATE, **defaults, **block}, where=where)
+    templates = (HOST_TEMPLATE, *registry("renderers"))
+    if cfg.template not in templates:
+        raise GrapeError(f"{where}: template '{cfg.template}' is not one of {', '.join(templates)}")
+    return cfg
 
 
 def config_error_message(exc: ValidationError, where: str) -> str:

@@ -7,13 +7,14 @@ with a list of candidates per row end up the same way.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from collections import Counter
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequence
 
-from .candidates import Candidate, Drops, Group, Message, finish_groups, prompt_key
 from .config import GrapeConfig
 from .errors import GrapeError, input_error
 from .hookspecs import hookimpl
+from .records import Candidate, Draft, Drops, Group, Grouped, Message, prompt_key
 
 PROMPT_COLUMNS = ("instruction", "prompt", "question", "query")
 RESPONSE_COLUMNS = ("output", "response", "completion", "answer")
@@ -59,7 +60,7 @@ class Format:
     def detect(self, ctx: Context) -> bool:
         raise NotImplementedError
 
-    def read_row(self, row: dict, i: int, ctx: Context) -> Iterator[tuple[list[Message], Candidate]]:
+    def read_row(self, row: dict, i: int, ctx: Context) -> Iterator[Draft]:
         raise NotImplementedError
 
     def selected(self, dataset: Any, picks: list[tuple[Group, Candidate]], ctx: Context) -> Any:
@@ -131,7 +132,7 @@ class LongRows(Format):
         response_col = ctx.first(RESPONSE_COLUMNS, ctx.cfg.response_column)
         if response_col is None:
             raise GrapeError(f"{ctx.file}: no response column; expected one of {', '.join(RESPONSE_COLUMNS)}")
-        yield alpaca_prompt(row, i, ctx), Candidate(ctx.text(row, i, response_col), self.source(row, ctx), i)
+        yield Draft(alpaca_prompt(row, i, ctx), Candidate(ctx.text(row, i, response_col), self.source(row, ctx), i))
 
 
 class Messages(Format):
@@ -147,7 +148,9 @@ class Messages(Format):
 
     def read_row(self, row, i, ctx):
         prompt, response = split_conversation(row.get(self.column(ctx)), i, self.column(ctx), ctx)
-        yield prompt, Candidate(response, self.source(row, ctx), i)
+        if not any(m["role"] == "user" for m in prompt):
+            raise input_error(ctx.file, i, self.column(ctx), "the assistant turn to score has no user turn before it")
+        yield Draft(prompt, Candidate(response, self.source(row, ctx), i))
 
 
 class ListColumn(Format):
@@ -172,14 +175,14 @@ class ListColumn(Format):
             if not isinstance(response, str) or not response.strip():
                 raise input_error(ctx.file, i, f"{col}[{j}]", "must be a non-empty string")
             source = str(sources[j]) if isinstance(sources, list) and j < len(sources) else f"{col}[{j}]"
-            yield prompt, Candidate(response, source, i, slot=j)
+            yield Draft(prompt, Candidate(response, source, i, item=j))
 
     def selected(self, dataset, picks, ctx):
         from datasets import Dataset
 
         col = self.column(ctx)
         rows = []
-        for _, cand in sorted(picks, key=lambda p: (p[1].row, p[1].slot)):
+        for _, cand in sorted(picks, key=lambda p: p[1].origin):
             row = {k: v for k, v in dataset[cand.row].items() if k != col}
             row.update(output=cand.response, source=cand.source)
             rows.append(row)
@@ -216,15 +219,15 @@ class Preference(Format):
             prompt = answers["chosen"][0]  # TRL's implicit prompt: the conversation before the answer
         else:
             raise GrapeError(f"{ctx.file}: no prompt column; expected prompt, messages, conversations or instruction")
-        for slot, (_, text) in answers.items():
-            yield prompt, Candidate(text, slot, i, slot=slot)
+        for item, (slot, (_, text)) in enumerate(answers.items()):
+            yield Draft(prompt, Candidate(text, slot, i, item=item))
 
     def selected(self, dataset, picks, ctx):
         from datasets import Dataset
 
         rows = [
-            {"messages": g.prompt + [{"role": "assistant", "content": c.response}], "source": c.source}
-            for g, c in sorted(picks, key=lambda p: (p[1].row, p[1].slot != "chosen"))
+            {"messages": [*g.prompt, {"role": "assistant", "content": c.response}], "source": c.source}
+            for g, c in sorted(picks, key=lambda p: p[1].origin)
         ]
         return Dataset.from_list(rows)
 
@@ -252,21 +255,48 @@ def detect_format(ctx: Context, formats: dict[str, Format]) -> Format:
     )
 
 
-def group_rows(
-    rows: Iterator[dict], fmt: Format, ctx: Context, drops: Drops, limit: Optional[int] = None
-) -> list[Group]:
-    """Turn rows into groups: by the id column when present, else by the exact prompt; ``limit`` keeps the first N."""
-    id_col = ctx.first(("id",), ctx.cfg.id_column)
-    groups: dict[str, Group] = {}
-    for i, row in enumerate(rows):
-        for prompt, cand in fmt.read_row(row, i, ctx):
-            key = str(row[id_col]) if id_col and row.get(id_col) is not None else prompt_key(prompt)
-            group = groups.get(key)
-            if group is None:
-                group = groups[key] = Group(key, prompt, row=i)
-            elif group.prompt != prompt:
-                raise input_error(
-                    ctx.file, i, id_col, f"id {key!r} was first seen at row {group.row + 1} with a different prompt"
-                )
-            group.candidates.append(cand)
-    return finish_groups(list(groups.values())[:limit], ctx.cfg.min_candidates, drops)
+class Input(NamedTuple):
+    """One input part: its rows, its format and its reading context."""
+
+    rows: Iterable[dict]
+    format: Format
+    context: Context
+
+
+def group_rows(inputs: Sequence[Input], min_candidates: int, limit: Optional[int] = None) -> Grouped:
+    """Turn the rows of every input into groups (candidates numbered by part): by the id column when present, else
+    by the exact prompt, across parts; ``limit`` keeps the first N instructions."""
+    drafts: dict[str, tuple[Group, list[Candidate]]] = {}
+    for part, (rows, fmt, ctx) in enumerate(inputs):
+        id_col = ctx.first(("id",), ctx.cfg.id_column)
+        for i, row in enumerate(rows):
+            for prompt, cand, context in fmt.read_row(row, i, ctx):
+                has_id = id_col is not None and row.get(id_col) is not None
+                key = str(row[id_col]) if has_id else prompt_key(prompt, context)
+                if key not in drafts:
+                    drafts[key] = (Group(key, tuple(prompt), row=i, context=context), [])
+                elif has_id and (drafts[key][0].prompt, drafts[key][0].context) != (tuple(prompt), context):
+                    first = drafts[key][0].row + 1
+                    raise input_error(ctx.file, i, id_col, f"id {key!r} was first seen at row {first} with a different prompt")
+                drafts[key][1].append(replace(cand, part=part))
+    return finish_groups([g.with_candidates(c) for g, c in list(drafts.values())[:limit]], min_candidates)
+
+
+def finish_groups(groups: Iterable[Group], min_candidates: int) -> Grouped:
+    """Deduplicate identical responses within each group, number candidates, enforce ``min_candidates``."""
+    kept, candidates, instructions = [], Counter(), Counter()
+    for group in groups:
+        unique: dict[str, Candidate] = {}
+        for cand in group.candidates:
+            if cand.response in unique:
+                candidates["duplicate_response"] += 1
+            else:
+                unique[cand.response] = replace(cand, index=len(unique))
+        if not unique:
+            instructions["no_valid_candidate"] += 1
+        elif len(unique) < min_candidates:
+            instructions["too_few_candidates"] += 1
+            candidates["too_few_candidates"] += len(unique)
+        else:
+            kept.append(group.with_candidates(unique.values()))
+    return Grouped(tuple(kept), Drops.of(candidates, instructions))

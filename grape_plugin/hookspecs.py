@@ -15,12 +15,12 @@ def grape_register_formats(register):
 
 @hookspec
 def grape_register_renderers(register):
-    """Register templates: ``register(name, factory)``, ``factory(tokenizer, cfg) -> render(prompt, response)``."""
+    """Register templates: ``register(name, factory)``, ``factory(tokenizer, cfg) -> render(group, candidate)``."""
 
 
 @hookspec
 def grape_register_scorers(register):
-    """Register scorers: ``register(name, factory)``, ``factory(cfg) -> Scorer``."""
+    """Register scorers: ``register(name, factory)``, ``factory(cfg) -> Scorer`` (weights loaded on first use)."""
 
 
 @hookspec

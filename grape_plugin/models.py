@@ -7,7 +7,7 @@ import importlib.util
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from .errors import GrapeError
 
@@ -15,14 +15,30 @@ SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".json")
 
 
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model to score with, known without its weights: its tokenizer, an identity string that changes whenever
+    the weights or their dtype do, the context length from its config, and ``load()`` for the weights."""
+
+    name: str
+    tokenizer: Any
+    identity: str
+    load: Callable[[], Any]  # the causal LM, in eval mode, on its device, without gradients
+    context_length: Optional[int] = None
+
+
 @dataclass
 class LoadedModel:
-    """A causal LM, its tokenizer, and an identity string that changes whenever the weights do."""
+    """A causal LM with its tokenizer and identity (``ModelSpec.identity``)."""
 
     model: Any
     tokenizer: Any
     identity: str
     name: str
+
+    def as_spec(self) -> ModelSpec:
+        """A spec whose ``load()`` returns this already loaded model."""
+        return ModelSpec(self.name, self.tokenizer, self.identity, lambda: self.model)
 
 
 def embedded_smollm2() -> Optional[Path]:
@@ -57,6 +73,12 @@ def files_identity(path: Path) -> str:
     return f"{path.resolve()}@{digest.hexdigest()[:16]}"
 
 
+def weights_identity(name: str, revision: Optional[str] = None) -> str:
+    """``files_identity`` of a local model, else its hub id and revision."""
+    path = Path(name).expanduser()
+    return files_identity(path) if path.exists() else f"hub:{name}@{revision or 'main'}"
+
+
 def torch_dtype(name: str, device: str) -> Any:
     """``auto`` is fp32 on CPU and bf16 on CUDA."""
     import torch
@@ -77,16 +99,16 @@ def pick_device(device: str) -> str:
     return "cpu"
 
 
-def load_model(
+def model_spec(
     name: Optional[str],
     *,
     device: str = "auto",
     dtype: str = "auto",
     revision: Optional[str] = None,
     trust_remote_code: bool = False,
-) -> LoadedModel:
-    """Load a causal LM and its tokenizer for scoring (eval mode, no gradients)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+) -> ModelSpec:
+    """Resolve a model and load its tokenizer and config; the weights load only when ``load()`` is called."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     name = resolve_model(name)
     device = pick_device(device)
@@ -102,6 +124,8 @@ def load_model(
             raise GrapeError(f"--model {name}: reading a GGUF file needs the gguf package: pip install gguf")
         where, kwargs["gguf_file"] = str(path.parent), path.name
         identity = files_identity(path)
+    elif path.is_dir() and not (path / "config.json").is_file():
+        raise GrapeError(f"--model {name}: the folder has no config.json; expected a transformers model folder")
     elif path.exists():
         where, identity = str(path), files_identity(path)
     elif name.startswith((".", "/", "~")) or name.count("/") > 1:
@@ -109,24 +133,40 @@ def load_model(
     else:
         where, identity = name, f"hub:{name}@{revision or 'main'}"
     try:
+        config = AutoConfig.from_pretrained(where, **kwargs)
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(where, **model_kwargs, **kwargs)
-    except OSError as exc:
-        raise GrapeError(f"--model {name}: cannot load it: {exc}") from None
-    if "gguf_file" in kwargs:
-        fix_gguf_eos(tokenizer, model)
-    commit = getattr(model.config, "_commit_hash", None)
+    except (OSError, ValueError) as exc:
+        raise GrapeError(f"--model {name}: cannot load it: {str(exc).splitlines()[0]}") from None
+    gguf = "gguf_file" in kwargs
+    if gguf:
+        fix_gguf_eos(tokenizer)
+    commit = getattr(config, "_commit_hash", None)
     if identity.startswith("hub:") and commit:
         identity = f"hub:{name}@{commit}"
-    model.to(device).eval().requires_grad_(False)
-    return LoadedModel(model, tokenizer, f"{identity}|{model.dtype}", name)
+
+    def load() -> Any:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(where, **model_kwargs, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise GrapeError(f"--model {name}: cannot load its weights: {str(exc).splitlines()[0]}") from None
+        if gguf:
+            model.config.eos_token_id = model.generation_config.eos_token_id = tokenizer.eos_token_id
+        return model.to(device).eval().requires_grad_(False)
+
+    context = getattr(config, "max_position_embeddings", None)
+    return ModelSpec(name, tokenizer, f"{identity}|{model_kwargs['dtype']}", load, context)
 
 
-def fix_gguf_eos(tokenizer: Any, model: Any) -> None:
+def load_model(name: Optional[str], **options: Any) -> LoadedModel:
+    """Load a causal LM and its tokenizer for scoring (eval mode, no gradients); ``options`` as ``model_spec``."""
+    spec = model_spec(name, **options)
+    return LoadedModel(spec.load(), spec.tokenizer, spec.identity, spec.name)
+
+
+def fix_gguf_eos(tokenizer: Any) -> None:
     """GGUF chat models may report ``<|im_start|>`` as EOS; the end of a turn is ``<|im_end|>``."""
     if "<|im_end|>" in tokenizer.get_vocab():
         tokenizer.eos_token = "<|im_end|>"
-        model.config.eos_token_id = model.generation_config.eos_token_id = tokenizer.eos_token_id
 
 
 def export_model(name: Optional[str], out: str | os.PathLike) -> Path:

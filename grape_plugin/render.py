@@ -9,12 +9,13 @@ token may carry the separator before it (BPE merges " Hello" into one token). To
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
-from .candidates import Message
-from .errors import GrapeError
+from .errors import GrapeError, input_error
 from .hookspecs import hookimpl
+from .records import Candidate, Drops, Group, Message
 
 
 @dataclass(frozen=True)
@@ -30,7 +31,8 @@ class Rendered:
         return self.end - self.start
 
 
-Renderer = Callable[[list[Message], str], Rendered]
+Renderer = Callable[[Group, Candidate], Rendered]
+RenderedKey = tuple[str, int]  # (group key, candidate index)
 
 
 def render_text(tokenizer: Any, text: str, char_start: int, char_end: int, add_special_tokens: bool) -> Rendered:
@@ -47,7 +49,7 @@ def render_text(tokenizer: Any, text: str, char_start: int, char_end: int, add_s
     return Rendered(tuple(enc["input_ids"]), span[0], span[-1] + 1)
 
 
-def paper_prompt(prompt: list[Message]) -> str:
+def paper_prompt(prompt: Iterable[Message]) -> str:
     """The paper's ``Question: {instruction}\\nAnswer: `` (earlier turns and a system message come first)."""
     lines = []
     for msg in prompt:
@@ -59,9 +61,9 @@ def paper_prompt(prompt: list[Message]) -> str:
 def paper_renderer(tokenizer: Any, cfg: Any = None) -> Renderer:
     """The paper's template: ``Question: {instruction}\\nAnswer: {response}``, with the tokenizer's BOS."""
 
-    def render(prompt: list[Message], response: str) -> Rendered:
-        head = paper_prompt(prompt)
-        return render_text(tokenizer, head + response, len(head), len(head) + len(response), True)
+    def render(group: Group, cand: Candidate) -> Rendered:
+        head = paper_prompt(group.prompt)
+        return render_text(tokenizer, head + cand.response, len(head), len(head) + len(cand.response), True)
 
     return render
 
@@ -71,7 +73,8 @@ def chat_renderer(tokenizer: Any, cfg: Any = None) -> Renderer:
     if not getattr(tokenizer, "chat_template", None):
         raise GrapeError("--template chat: the model's tokenizer has no chat template; use --template paper")
 
-    def render(prompt: list[Message], response: str) -> Rendered:
+    def render(group: Group, cand: Candidate) -> Rendered:
+        prompt, response = list(group.prompt), cand.response
         head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
         text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
         begin = len(head) if text.startswith(head) else 0
@@ -110,6 +113,43 @@ def fit_length(item: Rendered, max_length: Optional[int], policy: str) -> Option
     if policy == "truncate" and item.start < max_length:
         return Rendered(item.input_ids[:max_length], item.start, min(item.end, max_length))
     return None
+
+
+@dataclass(frozen=True)
+class RenderedGroups:
+    """Groups with only the candidates that fit ``max_length``, their token ids and spans, and what was dropped."""
+
+    groups: tuple[Group, ...]
+    items: dict[RenderedKey, Rendered]
+    drops: Drops
+    truncated: int
+
+
+def render_groups(
+    groups: Iterable[Group], render: Renderer, max_length: Optional[int], over_length: str, file: str = "input"
+) -> RenderedGroups:
+    """Render every candidate; apply ``max_length`` (drop or truncate, counted); leave out emptied groups."""
+    items: dict[RenderedKey, Rendered] = {}
+    kept, candidates, instructions, truncated = [], Counter(), Counter(), 0
+    for group in groups:
+        survivors = []
+        for cand in group.candidates:
+            try:
+                item = render(group, cand)
+            except GrapeError as exc:
+                raise input_error(file, cand.row, "response", str(exc)) from None
+            fitted = fit_length(item, max_length, over_length)
+            if fitted is None:
+                candidates["too_long"] += 1
+                continue
+            truncated += fitted is not item
+            items[(group.key, cand.index)] = fitted
+            survivors.append(cand)
+        if survivors:
+            kept.append(group.with_candidates(survivors))
+        else:
+            instructions["all_candidates_too_long"] += 1
+    return RenderedGroups(tuple(kept), items, Drops.of(candidates, instructions), truncated)
 
 
 @hookimpl

@@ -6,7 +6,7 @@ import statistics
 from collections import Counter
 from typing import Any
 
-from .pipeline import Selection
+from .records import Selection
 
 
 def best_gaps(selection: Selection) -> list[float]:
@@ -27,10 +27,10 @@ def summary(selection: Selection) -> dict[str, Any]:
     gaps = best_gaps(selection)
     scored = [s.mean for s in selection.scores.values()]
     return {
-        **selection.stats,
+        **selection.stats.as_dict(),
         "instructions_kept": len(selection.kept),
         "candidates_kept": sum(len(v) for v in selection.kept.values()),
-        "dropped": dict(sorted(selection.drops.items())),
+        "dropped": selection.drops.as_dict(),
         "wins_per_source": dict(wins.most_common()),
         "score": {
             "min": min(scored, default=None),
@@ -65,9 +65,9 @@ def summary_text(selection: Selection) -> str:
     info = summary(selection)
     lines = [
         f"instructions: {info['instructions']} read, {info['instructions_kept']} kept; "
-        f"candidates: {info['candidates_in']} read, {info['candidates_kept']} kept",
-        f"scored: {info.get('scored', 0)} new, {info.get('cached', 0)} from cache, "
-        f"{info.get('tokens_scored', 0)} tokens in {info.get('seconds', 0)} s",
+        f"candidates: {info['candidates']} read, {info['candidates_kept']} kept"
+        + (f" ({info['truncated']} truncated at max_length)" if info["truncated"] else ""),
+        f"scored: {info['scored']} new, {info['cached']} from cache, {info['tokens_scored']} tokens in {info['seconds']} s",
         "wins per source: " + (", ".join(f"{k} {v}" for k, v in info["wins_per_source"].items()) or "-"),
     ]
     sc = info["score"]
@@ -77,5 +77,6 @@ def summary_text(selection: Selection) -> str:
             f"mean log-prob: min {sc['min']:.4f}, median {sc['median']:.4f}, max {sc['max']:.4f}"
             + (f"; median gap best-second {gap:.4f}" if gap is not None else "")
         )
-    lines.append("dropped: " + (", ".join(f"{k} {v}" for k, v in info["dropped"].items()) or "none"))
+    for kind, counts in info["dropped"].items():
+        lines.append(f"dropped {kind}: " + (", ".join(f"{k} {v}" for k, v in counts.items()) or "none"))
     return "\n".join(lines)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .pipeline import Selection
+from .records import Selection
 from .report import best_gaps, summary
 
 TABLE_INSTRUCTIONS = 300  # instructions listed in the table; scores.jsonl has them all
@@ -185,10 +185,10 @@ def counts_html(info: dict[str, Any]) -> str:
     e = html.escape
     cards = [
         ("instructions", f"{info['instructions_kept']} of {info['instructions']}", "kept"),
-        ("candidates", f"{info['candidates_kept']} of {info['candidates_in']}", "kept"),
-        ("scored", f"{info.get('scored', 0)}", f"+ {info.get('cached', 0)} from cache"),
-        ("tokens scored", f"{info.get('tokens_scored', 0):,}", "prompt + response"),
-        ("time", f"{info.get('seconds', 0)} s", "read to selection"),
+        ("candidates", f"{info['candidates_kept']} of {info['candidates']}", "kept"),
+        ("scored", f"{info['scored']}", f"+ {info['cached']} from cache"),
+        ("tokens scored", f"{info['tokens_scored']:,}", "prompt + response"),
+        ("time", f"{info['seconds']} s", "read to selection"),
     ]
     sc = info["score"]
     if sc["median"] is not None:
@@ -200,10 +200,12 @@ def counts_html(info: dict[str, Any]) -> str:
         for name, value, note in cards
     ) + "</div>"
     rows = "".join(
-        f"<tr><td>{e(kind if reason else 'candidates')}</td><td>{e((reason or kind).replace('_', ' '))}</td>"
-        f'<td class="num">{n}</td></tr>'
-        for (kind, _, reason), n in ((k.partition(":"), n) for k, n in info["dropped"].items())
+        f"<tr><td>{e(kind)}</td><td>{e(reason.replace('_', ' '))}</td><td class=\"num\">{n}</td></tr>"
+        for kind, counts in info["dropped"].items() for reason, n in counts.items()
     )
+    if info["truncated"]:
+        rows += f'<tr><td>candidates</td><td>kept, truncated at max_length</td><td class="num">{info["truncated"]}</td></tr>'
+
     return out + (
         f'<h2>Dropped</h2><table class="drops"><thead><tr><th>what</th><th>reason</th><th>count</th></tr></thead>{rows}</table>'
         if rows else "<h2>Dropped</h2><p>Nothing was dropped.</p>"

@@ -8,35 +8,28 @@ the LM head and an fp32 log-softmax only at the positions that predict response 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Protocol, Sequence
 
 from .config import GrapeConfig
 from .hookspecs import hookimpl
+from .records import Score
 from .render import Rendered
+
+if TYPE_CHECKING:
+    from .models import ModelSpec
 
 HEAD_CHUNK_BYTES = 1 << 26  # fp32 logits held at once by the chunked LM head (64 MiB)
 MAX_PADDING = 0.04  # a padded batch is cut rather than let padding pass this fraction of its positions
 SHARE_MIN_SAVED = 256  # share an instruction's prefix when that saves at least this many token positions
 
 
-@dataclass(frozen=True)
-class Score:
-    """Sum of response-token log-probabilities and their count; ``mean`` is GRAPE's score."""
-
-    logprob_sum: float
-    n_tokens: int
-
-    @property
-    def mean(self) -> float:
-        return self.logprob_sum / self.n_tokens
-
-
 class Scorer(Protocol):
-    """What the pipeline needs from a scorer."""
+    """What the pipeline needs from a scorer. ``tokenizer`` and ``identity`` must not need the weights: a scorer
+    loads them on its first ``score`` call, so a fully cached run never does."""
 
     tokenizer: Any
     identity: str  # changes whenever scores could change (weights, dtype)
+    loaded: bool  # whether the weights are in memory
 
     def score(self, items: Sequence[Rendered], progress: Optional[Callable[[int], None]] = None) -> list[Score]: ...
 
@@ -87,7 +80,7 @@ def shared_prefixes(items: Sequence[Rendered], min_saved: int = SHARE_MIN_SAVED)
 
 
 class TransformersScorer:
-    """Scores with a transformers causal LM (see ``models.load_model``).
+    """Scores with a transformers causal LM, described by a ``models.ModelSpec`` and loaded on first use.
 
     ``pack`` runs each batch as one padding-free row whose position ids restart per sequence; it is the
     default with flash-attention (its varlen kernel keeps sequences apart without a dense mask), while SDPA
@@ -96,30 +89,44 @@ class TransformersScorer:
 
     def __init__(
         self,
-        loaded: Any,
+        spec: "ModelSpec",
         batch_tokens: int = 4096,
         pack: Optional[bool] = None,
         share_prefixes: bool = True,
         max_padding: float = MAX_PADDING,
     ):
-        from .errors import GrapeError
-
-        self.model, self.tokenizer, self.identity = loaded.model, loaded.tokenizer, loaded.identity
-        self.body = self.model.base_model
-        self.head = self.model.get_output_embeddings()
-        if self.body is self.model or self.head is None:
-            raise GrapeError(f"{type(self.model).__name__}: cannot separate the model body from its LM head")
-        self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        self.spec, self.tokenizer, self.identity = spec, spec.tokenizer, spec.identity
         self.batch_tokens = batch_tokens
         self.max_padding = max_padding
-        attn = getattr(self.model.config, "_attn_implementation", "")
-        self.pack = pack if pack is not None else attn.startswith("flash_attention")
+        self.pack_option = pack
         self.share_prefixes = share_prefixes
-        # transformers renamed ``past_key_values`` to ``cache``; the host frameworks pin releases on both sides
-        self.cache_kwarg = "cache" if "cache" in inspect.signature(self.body.forward).parameters else "past_key_values"
+        self.model: Any = None
         self.positions_run = 0  # token positions through the model body, padding and prefixes included
 
+    @property
+    def loaded(self) -> bool:
+        return self.model is not None
+
+    def load(self) -> None:
+        """Load the weights (once) and split the model into its body and its LM head."""
+        from .errors import GrapeError
+
+        if self.model is not None:
+            return
+        model = self.spec.load()
+        if hasattr(model, "get_base_model"):  # a peft model: its adapters stay active inside the wrapped model
+            model = model.get_base_model()
+        self.model, self.body, self.head = model, model.base_model, model.get_output_embeddings()
+        if self.body is model or self.head is None:
+            raise GrapeError(f"{type(model).__name__}: cannot separate the model body from its LM head")
+        self.softcap = getattr(model.config, "final_logit_softcapping", None)
+        attn = getattr(model.config, "_attn_implementation", None) or ""
+        self.pack = self.pack_option if self.pack_option is not None else attn.startswith("flash_attention")
+        # transformers renamed ``past_key_values`` to ``cache``; the host frameworks pin releases on both sides
+        self.cache_kwarg = "cache" if "cache" in inspect.signature(self.body.forward).parameters else "past_key_values"
+
     def score(self, items: Sequence[Rendered], progress: Optional[Callable[[int], None]] = None) -> list[Score]:
+        self.load()
         results: list[Optional[Score]] = [None] * len(items)
         jobs = shared_prefixes(items) if self.share_prefixes else [(0, list(range(len(items))))]
         for shared, members in jobs:
@@ -212,19 +219,22 @@ class TransformersScorer:
 
         import torch
 
-        del self.model, self.body, self.head
+        if self.model is None:
+            return
+        self.model = self.body = self.head = None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
 
 def transformers_scorer(cfg: GrapeConfig) -> TransformersScorer:
-    from .models import load_model
+    """The scorer for ``cfg.model``: its tokenizer now, its weights when something is left to score."""
+    from .models import model_spec
 
-    loaded = load_model(
+    spec = model_spec(
         cfg.model, device=cfg.device, dtype=cfg.dtype, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
     )
-    return TransformersScorer(loaded, cfg.batch_tokens)
+    return TransformersScorer(spec, cfg.batch_tokens)
 
 
 @hookimpl

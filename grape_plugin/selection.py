@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import random
+from collections import Counter
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Iterable, Mapping, Optional, Sequence
 
+from .config import GrapeConfig
 from .hookspecs import hookimpl
+from .records import Drops, Group, Score
 
 TIE = 1e-4
 
@@ -66,3 +69,35 @@ def apply_budget(
     n = budget if budget is not None else round(fraction * len(fits))
     ranked = sorted(range(len(fits)), key=lambda i: (-sign * fits[i][1], i))
     return {fits[i][0] for i in ranked[:n]}
+
+
+def needs_scores(group: Group, cfg: GrapeConfig) -> bool:
+    """A group whose candidates all survive (and no budget ranks it) needs no forward pass."""
+    return len(group.candidates) > cfg.top_k or cfg.budget is not None or cfg.budget_fraction is not None
+
+
+def select(
+    groups: Iterable[Group], scores: Mapping[tuple[str, int], Score], cfg: GrapeConfig
+) -> tuple[dict[str, tuple[int, ...]], Drops]:
+    """Kept candidate indices per group key (after the strategy and the budget), and what was not kept."""
+    from .plugins import lookup
+
+    selector = lookup("selectors", cfg.strategy)
+    kept: dict[str, tuple[int, ...]] = {}
+    fits: list[tuple[str, float]] = []
+    candidates, instructions = Counter(), Counter()
+    for g in groups:
+        if not needs_scores(g, cfg):
+            kept[g.key] = tuple(c.index for c in g.candidates)
+            continue
+        means = [scores[(g.key, c.index)].mean for c in g.candidates]
+        picked = selector.pick(means, cfg.top_k, g.key, cfg.seed)
+        kept[g.key] = tuple(g.candidates[p].index for p in picked)
+        fits.append((g.key, sum(means[p] for p in picked) / len(picked)))
+        candidates["not_selected"] += len(g.candidates) - len(picked)
+    in_budget = apply_budget(fits, cfg.budget, cfg.budget_fraction, selector.budget_sign)
+    if in_budget is not None:
+        for key in [k for k, _ in fits if k not in in_budget]:
+            instructions["over_budget"] += 1
+            candidates["over_budget"] += len(kept.pop(key))
+    return kept, Drops.of(candidates, instructions)

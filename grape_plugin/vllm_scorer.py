@@ -7,33 +7,45 @@ third-party plugin, and is not exercised by the CPU test suite (vLLM needs a GPU
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Any, Callable, Optional, Sequence
 
 from .config import GrapeConfig
 from .errors import GrapeError
 from .hookspecs import hookimpl
 from .render import Rendered
-from .scoring import Score
+from .records import Score
 
 
 class VLLMScorer:
     """Scores rendered candidates with ``vllm.LLM`` prompt log-probabilities."""
 
     def __init__(self, cfg: GrapeConfig):
-        try:
-            from vllm import LLM, SamplingParams
-        except ImportError:
-            raise GrapeError("--scorer vllm needs vLLM: pip install 'grape-plugin[vllm]'") from None
         from .models import resolve_model
 
-        name = resolve_model(cfg.model)
-        dtype = {"auto": "bfloat16", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[cfg.dtype]
-        self.llm = LLM(model=name, revision=cfg.revision, dtype=dtype, trust_remote_code=cfg.trust_remote_code)
-        self.tokenizer = self.llm.get_tokenizer()
-        self.identity = f"vllm:{name}@{cfg.revision or 'main'}|{dtype}"
-        self.params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+        if importlib.util.find_spec("vllm") is None:
+            raise GrapeError("--scorer vllm needs vLLM: pip install 'grape-plugin[vllm]'")
+        from transformers import AutoTokenizer
+
+        self.cfg, self.name = cfg, resolve_model(cfg.model)
+        self.dtype = {"auto": "bfloat16", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[cfg.dtype]
+        self.tokenizer = AutoTokenizer.from_pretrained(
+            self.name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
+        )
+        self.identity = f"vllm:{self.name}@{cfg.revision or 'main'}|{self.dtype}"
+        self.llm: Any = None
+
+    @property
+    def loaded(self) -> bool:
+        return self.llm is not None
 
     def score(self, items: Sequence[Rendered], progress: Optional[Callable[[int], None]] = None) -> list[Score]:
+        from vllm import LLM, SamplingParams
+
+        if self.llm is None:
+            cfg = self.cfg
+            self.llm = LLM(model=self.name, revision=cfg.revision, dtype=self.dtype, trust_remote_code=cfg.trust_remote_code)
+            self.params = SamplingParams(max_tokens=1, prompt_logprobs=0)
         prompts = [{"prompt_token_ids": list(r.input_ids)} for r in items]
         outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
         scores = []
@@ -46,7 +58,7 @@ class VLLMScorer:
         return scores
 
     def close(self) -> None:
-        del self.llm
+        self.llm = None
 
 
 @hookimpl

@@ -10,7 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from conftest import write_jsonl
+from tests.helpers import write_jsonl
 
 from grape_plugin.cli import main
 from grape_plugin.plugins import load_plugins
@@ -40,7 +40,7 @@ def test_select_writes_selection_scores_and_report(selected, pool_file):
     rows = read_jsonl(out / "selected.jsonl")
     source_rows = read_jsonl(pool_file)
     report = json.loads((out / "report.json").read_text())
-    assert len(scores) == len(source_rows) - report["dropped"].get("candidate:duplicate_response", 0)
+    assert len(scores) == len(source_rows) - report["dropped"]["candidates"].get("duplicate_response", 0)
     assert len(rows) == 6 and set(rows[0]) == set(source_rows[0])  # same shape as the input
     for group in {s["group"] for s in scores}:
         cands = [s for s in scores if s["group"] == group]

@@ -16,7 +16,7 @@ SCRIPT = textwrap.dedent("""
     dist.init_process_group("gloo")
     data, sel = run(sys.argv[1], GrapeConfig(model=sys.argv[2], cache_dir=sys.argv[3], batch_tokens=512))
     rank, world = rank_world()
-    out = {"world": world, "mine": sel.stats["scored_by_this_rank"], "kept": sel.kept,
+    out = {"world": world, "mine": sel.stats.scored_by_this_rank, "kept": sel.kept,
            "scores": {f"{k}/{i}": s.mean for (k, i), s in sel.scores.items()}}
     with open(f"{sys.argv[4]}.{rank}.json", "w") as fh:
         json.dump(out, fh)

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import POOL, SHARED, pool_rows, write_jsonl
+from tests.helpers import POOL, SHARED, pool_rows, write_jsonl
 
 from grape_plugin import GrapeConfig, GrapeError, read
 
@@ -19,11 +19,11 @@ def test_shared_pool_needs_no_flags():
     assert len(data.groups) == 805
     first = data.groups[0]
     assert first.key == "ae-000"
-    assert first.prompt == [{"role": "user", "content": pool_rows(1)[0]["instruction"]}]
+    assert list(first.prompt) == [{"role": "user", "content": pool_rows(1)[0]["instruction"]}]
     assert [c.source for c in first.candidates][:2] == ["gpt-4o-2024-05-13", "Meta-Llama-3.1-405B-Instruct-Turbo"]
     n_candidates = sum(len(g.candidates) for g in data.groups)
     # the README of the shared data: 20 answers duplicate another model's answer to the same instruction
-    assert data.drops == {"candidate:duplicate_response": 20}
+    assert data.grouped.drops.as_dict() == {"candidates": {"duplicate_response": 20}, "instructions": {}}
     assert n_candidates == 6440 - 20
     assert all(c.index == i for g in data.groups for i, c in enumerate(g.candidates))
 
@@ -39,7 +39,7 @@ def test_rows_without_id_group_by_prompt(tmp_path):
 def test_alpaca_input_and_system_join_the_prompt(tmp_path):
     rows = [{"system": "Be brief.", "instruction": "Add", "input": "2+2", "output": "4"}]
     (group,) = read(write_jsonl(tmp_path / "a.jsonl", rows), CFG).groups
-    assert group.prompt == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add\n2+2"}]
+    assert list(group.prompt) == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add\n2+2"}]
 
 
 def test_list_column_and_sources(tmp_path):
@@ -48,7 +48,7 @@ def test_list_column_and_sources(tmp_path):
     assert data.format.name == "list"
     (group,) = data.groups
     assert [(c.response, c.source) for c in group.candidates] == [("hi", "a"), ("hello", "b")]
-    assert data.drops["candidate:duplicate_response"] == 1
+    assert data.grouped.drops.candidates == {"duplicate_response": 1}
 
 
 def test_messages_and_sharegpt(tmp_path):
@@ -56,10 +56,10 @@ def test_messages_and_sharegpt(tmp_path):
     rows = [{"messages": conv + [{"role": "assistant", "content": f"A2-{i}"}], "source": f"m{i}"} for i in range(3)]
     data = read(write_jsonl(tmp_path / "m.jsonl", rows), CFG)
     (group,) = data.groups
-    assert group.prompt == conv and [c.response for c in group.candidates] == ["A2-0", "A2-1", "A2-2"]
+    assert list(group.prompt) == conv and [c.response for c in group.candidates] == ["A2-0", "A2-1", "A2-2"]
     share = [{"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": a}]} for a in ("x", "y")]
     (group,) = read(write_jsonl(tmp_path / "s.jsonl", share), CFG).groups
-    assert group.prompt == [{"role": "user", "content": "Q"}] and len(group.candidates) == 2
+    assert list(group.prompt) == [{"role": "user", "content": "Q"}] and len(group.candidates) == 2
 
 
 def test_llamafactory_ranking_demo_gives_two_candidates():
@@ -84,7 +84,7 @@ def test_trl_preference_shapes(tmp_path):
     implicit = {"chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "g"}],
                 "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "b"}]}
     (group,) = read(write_jsonl(tmp_path / "imp.jsonl", [implicit]), CFG).groups
-    assert group.prompt == [{"role": "user", "content": "Q"}]
+    assert list(group.prompt) == [{"role": "user", "content": "Q"}]
 
 
 def test_min_candidates_drops_and_counts(tmp_path):
@@ -92,7 +92,7 @@ def test_min_candidates_drops_and_counts(tmp_path):
             {"id": "b", "instruction": "y", "output": "3"}]
     data = read(write_jsonl(tmp_path / "m.jsonl", rows), GrapeConfig(cache_dir=None, min_candidates=2))
     assert [g.key for g in data.groups] == ["a"]
-    assert data.drops == {"instruction:too_few_candidates": 1, "candidate:too_few_candidates": 1}
+    assert data.grouped.drops.as_dict() == {"candidates": {"too_few_candidates": 1}, "instructions": {"too_few_candidates": 1}}
 
 
 def test_parquet_csv_and_saved_dataset(tmp_path):

@@ -13,7 +13,7 @@ import sys
 import time
 
 import pytest
-from conftest import pool_rows, write_jsonl
+from tests.helpers import pool_rows, write_jsonl
 
 from grape_plugin import GrapeConfig, GrapeError, read, run
 from grape_plugin.cli import main
@@ -46,8 +46,8 @@ def test_kill_9_during_scoring_then_resume(tmp_path, tiny_model):
     resumed = tmp_path / "resumed"
     assert main(["select", str(data), "--model", str(tiny_model), "--cache-dir", str(cache), "-o", str(resumed)]) == 0
     report = json.loads((resumed / "report.json").read_text())
-    assert report["cached"] >= committed > 0 and report["scored"] == 320 - report["dropped"].get(
-        "candidate:duplicate_response", 0) - report["cached"]
+    assert report["cached"] >= committed > 0 and report["scored"] == 320 - report["dropped"][
+        "candidates"].get("duplicate_response", 0) - report["cached"]
     fresh = tmp_path / "fresh"
     assert main(["select", str(data), "--model", str(tiny_model), "--no-cache", "-o", str(fresh)]) == 0
     assert (resumed / "selected.jsonl").read_text() == (fresh / "selected.jsonl").read_text()
@@ -73,8 +73,8 @@ def test_too_long_responses_and_emptied_instructions_are_counted(tmp_path, tiny_
     rows = [{"id": "a", "instruction": "Say hi", "output": "hi"}, {"id": "a", "instruction": "Say hi", "output": "hello " * 200},
             {"id": "b", "instruction": "Write", "output": "word " * 200}, {"id": "b", "instruction": "Write", "output": "text " * 200}]
     _, sel = run(write_jsonl(tmp_path / "long.jsonl", rows), GrapeConfig(model=str(tiny_model), cache_dir=None, max_length=64))
-    assert sel.kept == {"a": [0]}
-    assert sel.drops["candidate:too_long"] == 3 and sel.drops["instruction:all_candidates_too_long"] == 1
+    assert sel.kept == {"a": (0,)}
+    assert sel.drops.candidates["too_long"] == 3 and sel.drops.instructions["all_candidates_too_long"] == 1
 
 
 def test_tokenizer_without_pad_token_scores_padded_batches(tiny_model, pool_file):

@@ -14,13 +14,11 @@ from typing import Any
 from urllib.request import urlopen
 
 import pytest
-from conftest import pool_rows
+from tests.helpers import pool_rows
 
 from grape_plugin import report_html
-from grape_plugin.candidates import Candidate, Drops, Group
+from grape_plugin.records import Candidate, Drops, Group, Score, Selection, Stats
 from grape_plugin.cli import main
-from grape_plugin.pipeline import Selection
-from grape_plugin.scoring import Score
 
 CHROMIUM = shutil.which("chromium")
 FLAGS = [
@@ -114,9 +112,9 @@ def hand_selection(n_groups: int) -> Selection:
     groups, scores = [], {}
     for i in range(n_groups):
         cands = [Candidate(f'<img src=x onerror="alert({i})"> answer {j}', f"<b>src{j}</b>", 2 * i + j, j) for j in range(2)]
-        groups.append(Group(f"g{i}", [{"role": "user", "content": f"<script>alert({i})</script> & co"}], cands))
+        groups.append(Group(f"g{i}", ({"role": "user", "content": f"<script>alert({i})</script> & co"},), tuple(cands)))
         scores.update({(f"g{i}", j): Score(-1.0 - j - i / 10, 10 + j) for j in range(2)})
-    return Selection(groups, scores, {g.key: [0] for g in groups}, Drops(), {"instructions": n_groups, "candidates_in": 2 * n_groups})
+    return Selection(tuple(groups), scores, {g.key: (0,) for g in groups}, Drops(), Stats(n_groups, 2 * n_groups))
 
 
 def test_user_text_is_escaped_and_the_table_capped(monkeypatch):

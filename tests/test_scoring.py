@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import build_tiny_model, pool_rows
+from tests.helpers import build_tiny_model, pool_rows, render_pair
 
 from grape_plugin import GrapeError
 from grape_plugin.models import load_model
@@ -19,6 +19,11 @@ def loaded(tiny_model):
     return load_model(str(tiny_model), device="cpu", dtype="fp32")
 
 
+@pytest.fixture(scope="module")
+def spec(loaded):
+    return loaded.as_spec()
+
+
 def direct_mean(model, ids: list[int], start: int, end: int) -> float:
     """Batch-1 fp32 reference: full logits, log-softmax over the vocabulary, mean over the span."""
     with torch.no_grad():
@@ -29,7 +34,7 @@ def direct_mean(model, ids: list[int], start: int, end: int) -> float:
 
 def test_paper_span_is_exactly_the_response(loaded):
     render = paper_renderer(loaded.tokenizer)
-    item = render(PROMPT, "Deep blue, like the sea.")
+    item = render_pair(render, PROMPT, "Deep blue, like the sea.")
     decoded = loaded.tokenizer.decode(item.input_ids[item.start : item.end])
     assert decoded.strip() == "Deep blue, like the sea."
     head = loaded.tokenizer.decode(item.input_ids[: item.start], skip_special_tokens=True)
@@ -38,7 +43,7 @@ def test_paper_span_is_exactly_the_response(loaded):
 
 
 def test_chat_span_excludes_end_of_turn(loaded):
-    item = chat_renderer(loaded.tokenizer)(PROMPT, "Red.")
+    item = render_pair(chat_renderer(loaded.tokenizer), PROMPT, "Red.")
     tok = loaded.tokenizer
     assert tok.decode(item.input_ids[item.start : item.end]) == "Red."
     assert tok.decode(item.input_ids[item.end :]).startswith("</s>")
@@ -50,12 +55,12 @@ def test_chat_needs_a_chat_template(tmp_path):
         chat_renderer(tok)
 
 
-def test_scores_equal_direct_computation_batched_or_not(loaded):
+def test_scores_equal_direct_computation_batched_or_not(loaded, spec):
     render = paper_renderer(loaded.tokenizer)
     rows = pool_rows(2)
-    items = [render([{"role": "user", "content": r["instruction"]}], r["output"][:600]) for r in rows]
-    one_at_a_time = TransformersScorer(loaded, batch_tokens=1).score(items)
-    batched = TransformersScorer(loaded, batch_tokens=100_000, max_padding=1.0).score(items)
+    items = [render_pair(render, [{"role": "user", "content": r["instruction"]}], r["output"][:600]) for r in rows]
+    one_at_a_time = TransformersScorer(spec, batch_tokens=1).score(items)
+    batched = TransformersScorer(spec, batch_tokens=100_000, max_padding=1.0).score(items)
     assert len({len(i.input_ids) for i in items}) > 5  # real padding happens in the batched run
     for item, a, b in zip(items, one_at_a_time, batched):
         assert a.n_tokens == b.n_tokens == item.n_tokens
@@ -69,14 +74,14 @@ def long_prompt_items(loaded, n: int = 5) -> list[Rendered]:
     history = [{"role": "user", "content": rows[0]["instruction"]}, {"role": "assistant", "content": rows[0]["output"][:700]}]
     prompt = history + [{"role": "user", "content": rows[8]["instruction"]}]
     render = paper_renderer(loaded.tokenizer)
-    return [render(prompt, r["output"][: 80 + 40 * i]) for i, r in enumerate(rows[8 : 8 + n])]
+    return [render_pair(render, prompt, r["output"][: 80 + 40 * i]) for i, r in enumerate(rows[8 : 8 + n])]
 
 
-def test_shared_prefix_scores_are_exact_and_cheaper(loaded):
+def test_shared_prefix_scores_are_exact_and_cheaper(loaded, spec):
     items = long_prompt_items(loaded)
     assert shared_prefixes(items)[0][0] > 100  # one job sharing the long prompt
-    plain = TransformersScorer(loaded, share_prefixes=False)
-    shared = TransformersScorer(loaded, batch_tokens=300)  # several suffix batches reuse one prefix cache
+    plain = TransformersScorer(spec, share_prefixes=False)
+    shared = TransformersScorer(spec, batch_tokens=300)  # several suffix batches reuse one prefix cache
     a, b = plain.score(items), shared.score(items)
     assert shared.positions_run < 0.6 * plain.positions_run
     for item, x, y in zip(items, a, b):
@@ -84,10 +89,10 @@ def test_shared_prefix_scores_are_exact_and_cheaper(loaded):
         assert abs(y.mean - direct_mean(loaded.model, list(item.input_ids), item.start, item.end)) < 1e-5
 
 
-def test_packed_rows_score_like_padded_batches(loaded):
-    items = long_prompt_items(loaded) + [paper_renderer(loaded.tokenizer)(PROMPT, "Green.")]
-    packed = TransformersScorer(loaded, batch_tokens=100_000, pack=True, share_prefixes=False)
-    padded = TransformersScorer(loaded, batch_tokens=100_000, pack=False, share_prefixes=False, max_padding=1.0)
+def test_packed_rows_score_like_padded_batches(loaded, spec):
+    items = long_prompt_items(loaded) + [render_pair(paper_renderer(loaded.tokenizer), PROMPT, "Green.")]
+    packed = TransformersScorer(spec, batch_tokens=100_000, pack=True, share_prefixes=False)
+    padded = TransformersScorer(spec, batch_tokens=100_000, pack=False, share_prefixes=False, max_padding=1.0)
     for x, y in zip(packed.score(items), padded.score(items)):
         assert abs(x.mean - y.mean) < 1e-5
     assert packed.positions_run == sum(len(i.input_ids) for i in items) < padded.positions_run
@@ -104,11 +109,11 @@ def test_token_batches_respect_the_budget():
         assert 1 - sum(lengths) / (max(lengths) * len(lengths)) <= 0.25
 
 
-def test_out_of_memory_halves_the_batch(loaded, monkeypatch):
-    scorer = TransformersScorer(loaded, batch_tokens=100_000, max_padding=1.0)
+def test_out_of_memory_halves_the_batch(loaded, spec, monkeypatch):
+    scorer = TransformersScorer(spec, batch_tokens=100_000, max_padding=1.0)
     render = paper_renderer(loaded.tokenizer)
-    items = [render(PROMPT, f"Colour number {i} is nice.") for i in range(4)]
-    expected = TransformersScorer(loaded, batch_tokens=1).score(items)
+    items = [render_pair(render, PROMPT, f"Colour number {i} is nice.") for i in range(4)]
+    expected = TransformersScorer(spec, batch_tokens=1).score(items)
     real, sizes = scorer._score_batch, []
 
     def flaky(batch, *prefix):

@@ -7,7 +7,7 @@ import os
 
 import pytest
 import torch
-from conftest import POOL, pool_rows
+from tests.helpers import POOL, pool_rows, render_pair
 
 from grape_plugin.cli import main
 from grape_plugin.models import SMOLLM2_FILE, embedded_smollm2
@@ -69,7 +69,7 @@ def test_exported_folder_scores_like_the_gguf(smollm2_dir, tmp_path):
     for name in (None, str(smollm2_dir)):
         loaded = load_model(name, device="cpu", dtype="fp32")
         assert loaded.tokenizer.eos_token == "<|im_end|>"
-        item = paper_renderer(loaded.tokenizer)(prompt, row["output"][:500])
-        results.append(TransformersScorer(loaded).score([item])[0])
+        item = render_pair(paper_renderer(loaded.tokenizer), prompt, row["output"][:500])
+        results.append(TransformersScorer(loaded.as_spec()).score([item])[0])
     assert results[0].n_tokens == results[1].n_tokens
     assert abs(results[0].mean - results[1].mean) < 1e-5

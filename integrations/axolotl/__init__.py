@@ -33,7 +33,7 @@ class GrapePlugin(BasePlugin):
             return None
         from axolotl.common.const import DEFAULT_DATASET_PREPARED_PATH
 
-        from .prepare import LOG, select_datasets
+        from .host import LOG, select_datasets
 
         try:
             select_datasets(cfg, DEFAULT_DATASET_PREPARED_PATH)

@@ -1,9 +1,9 @@
 """The ``grape:`` block of an Axolotl config.
 
 Axolotl mixes ``GrapeArgs`` into its own config model, so the field name is the top-level YAML key. The block
-is checked against ``GrapeConfig`` (a typo lists the expected keys) but kept as the user wrote it: the host's
-defaults (``template: train``, ``max_length: sequence_len``, the run's model, dtype and device) are filled in
-when the selection runs, see ``prepare.grape_config``.
+is checked like a ``GrapeConfig`` (a typo lists the expected keys) but kept as the user wrote it: the run's
+defaults (``template: train``, ``max_length: sequence_len``, the run's model and dtype) are filled in when the
+selection runs, see ``host.grape_config``.
 """
 
 from __future__ import annotations
@@ -12,11 +12,17 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, field_validator
 
-from grape_plugin.config import GrapeConfig
+from grape_plugin.config import host_config
 from grape_plugin.errors import GrapeError
-from grape_plugin.plugins import registry
 
-HOST_TEMPLATE = "train"
+HINTS = {
+    "model": "the scoring model is the run's base_model (with its adapter, quantization and attention settings)",
+    "revision": "set revision_of_model",
+    "trust_remote_code": "set trust_remote_code at the top level",
+    "dtype": "the run's bf16/fp16/torch_dtype decide it",
+    "device": "scoring runs on the run's devices",
+    "scorer": "the run's model scores",
+}
 
 
 class GrapeArgs(BaseModel):
@@ -27,15 +33,10 @@ class GrapeArgs(BaseModel):
     @field_validator("grape", mode="before")
     @classmethod
     def _check_block(cls, value: Any) -> Optional[dict[str, Any]]:
-        if value is None:
+        if value is None or value is False:
             return None
-        if not isinstance(value, dict):
-            raise ValueError(f"grape: must be a mapping of options, got {type(value).__name__}")
         try:
-            GrapeConfig.from_mapping(dict(value), where="grape")
+            host_config(value, {}, "grape", HINTS)
         except GrapeError as exc:  # pydantic reports ValueErrors as validation errors
             raise ValueError(str(exc)) from None
-        templates = [HOST_TEMPLATE, *registry("renderers")]
-        if value.get("template", HOST_TEMPLATE) not in templates:
-            raise ValueError(f"grape: template {value['template']!r} is not one of {', '.join(templates)}")
-        return dict(value)
+        return {} if value is True else dict(value)

@@ -8,31 +8,36 @@ exactly the span Axolotl puts in the labels (for chat templates that includes th
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Sequence
 
-from grape_plugin.candidates import Message
 from grape_plugin.errors import GrapeError
+from grape_plugin.records import Candidate, Group
 from grape_plugin.render import Rendered, Renderer, labelled_span
 
-def entry_strategy(cfg: Any, tokenizer: Any, entry_cfg: Any, rows: Any, where: str) -> Any:
+if TYPE_CHECKING:
+    from .host import Entry
+
+
+def entry_strategy(cfg: Any, tokenizer: Any, entry: "Entry") -> Any:
     """The prompt-tokenising strategy Axolotl builds for one ``datasets:`` entry, with prompt labels off."""
     from axolotl.datasets import TokenizedPromptDataset
     from axolotl.utils.data.wrappers import get_dataset_wrapper
 
+    entry_cfg = entry.config
     base, _, style = str(entry_cfg.type).partition(":") if isinstance(entry_cfg.type, str) else (None, "", "")
     wrapped, _ = get_dataset_wrapper(
         dataset_config=entry_cfg,
         tokenizer=tokenizer,
         cfg=cfg,
         dataset_base_type=base,
-        dataset=rows.select(range(1)),
+        dataset=entry.rows.select(range(1)),
         dataset_prompt_style=style or None,
     )
     strategy = getattr(wrapped, "prompt_tokenizer", None)
     if not isinstance(wrapped, TokenizedPromptDataset) or strategy is None:
         raise GrapeError(
-            f"{where} (type {entry_cfg.type!r}): Axolotl tokenises it without a per-row strategy (already "
-            "tokenised, skip_prepare_dataset or a dataset-level type); set grape: template: paper or chat"
+            f"{entry.context.file} (type {entry_cfg.type!r}): Axolotl tokenises it without a per-row strategy "
+            "(already tokenised, skip_prepare_dataset or a dataset-level type); set grape: template: paper or chat"
         )
     if getattr(strategy, "train_on_inputs", False):
         # train_on_inputs labels the prompt too; the response is what Axolotl labels without it
@@ -41,12 +46,12 @@ def entry_strategy(cfg: Any, tokenizer: Any, entry_cfg: Any, rows: Any, where: s
     return strategy
 
 
-def train_renderer(row_of: Callable[[list[Message], str], tuple[Any, dict]]) -> Renderer:
-    """A renderer over ``row_of(prompt, response) -> (strategy, training row)``."""
+def train_renderer(cfg: Any, tokenizer: Any, entries: Sequence["Entry"]) -> Renderer:
+    """Render a candidate as its entry's strategy tokenises the row written for it."""
+    strategies = [entry_strategy(cfg, tokenizer, e) for e in entries]
 
-    def render(prompt: list[Message], response: str) -> Rendered:
-        strategy, row = row_of(prompt, response)
-        tokens = strategy.tokenize_prompt(row)
+    def render(group: Group, cand: Candidate) -> Rendered:
+        tokens = strategies[cand.part].tokenize_prompt(entries[cand.part].training_row(group, cand))
         return labelled_span(tokens["input_ids"], tokens["labels"])
 
     return render

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import build_tiny_smollm2, pool_rows, write_jsonl
+from tests.helpers import build_tiny_smollm2, pool_rows, write_jsonl
 
 pytestmark = pytest.mark.axolotl
 

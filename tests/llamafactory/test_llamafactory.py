@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import SHARED, build_tiny_smollm2, pool_rows
+from tests.helpers import SHARED, build_tiny_smollm2, pool_rows
 
 from grape_plugin.candidates import Drops
 from grape_plugin.cli import main

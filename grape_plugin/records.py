@@ -1,0 +1,159 @@
+"""The records every stage passes on: instructions (groups) of candidates, scores, drops, run statistics and the
+selection. Plain, immutable data: a stage returns new records and never edits the ones it was given."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass, field, fields, replace
+from types import MappingProxyType
+from typing import Any, Iterable, Mapping, NamedTuple, Optional
+
+Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
+NO_CONTEXT: Mapping[str, Any] = MappingProxyType({})
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One response to an instruction, and where it stands in the input.
+
+    ``part`` is the input it came from (0 for a single file; an Axolotl ``datasets:`` entry or a LLaMA-Factory
+    dataset otherwise), ``row`` its 0-based row there and ``item`` its place inside the row (a list column's
+    position, 0 for ``chosen`` and 1 for ``rejected``), None when the row is the candidate.
+    """
+
+    response: str
+    source: Optional[str]
+    row: int
+    index: int = 0  # position within its group, in input order
+    part: int = 0
+    item: Optional[int] = None
+
+    @property
+    def origin(self) -> tuple[int, int, int]:
+        """Input order: (part, row, item)."""
+        return self.part, self.row, -1 if self.item is None else self.item
+
+
+@dataclass(frozen=True)
+class Group:
+    """One instruction: its prompt as chat messages and its candidate responses.
+
+    ``context`` holds what a host's own form of the prompt adds to the messages (LLaMA-Factory's system, tools
+    and media); it is part of the group key, so prompts that differ there are different instructions.
+    """
+
+    key: str
+    prompt: tuple[Message, ...]
+    candidates: tuple[Candidate, ...] = ()
+    row: int = 0  # first input row of the group
+    context: Mapping[str, Any] = field(default_factory=lambda: NO_CONTEXT)
+
+    def with_candidates(self, candidates: Iterable[Candidate]) -> "Group":
+        return replace(self, candidates=tuple(candidates))
+
+
+class Draft(NamedTuple):
+    """What a format reads from one row: a prompt, one candidate and the host's prompt context."""
+
+    prompt: list[Message]
+    candidate: Candidate
+    context: Mapping[str, Any] = NO_CONTEXT
+
+
+def prompt_key(prompt: Iterable[Message], context: Mapping[str, Any] = NO_CONTEXT) -> str:
+    """A stable key for a prompt: the same text gives the same key in every run, rank and host."""
+    value: Any = list(prompt) if not context else [list(prompt), dict(context)]
+    text = json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
+    return "p:" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
+
+
+@dataclass(frozen=True)
+class Score:
+    """Sum of response-token log-probabilities and their count; ``mean`` is GRAPE's score."""
+
+    logprob_sum: float
+    n_tokens: int
+
+    @property
+    def mean(self) -> float:
+        return self.logprob_sum / self.n_tokens
+
+
+@dataclass(frozen=True)
+class Drops:
+    """What was dropped, by reason: candidates and whole instructions, counted separately."""
+
+    candidates: Mapping[str, int] = field(default_factory=lambda: NO_CONTEXT)
+    instructions: Mapping[str, int] = field(default_factory=lambda: NO_CONTEXT)
+
+    @classmethod
+    def of(cls, candidates: Optional[Mapping[str, int]] = None, instructions: Optional[Mapping[str, int]] = None) -> "Drops":
+        """From counters; zero counts are left out."""
+        keep = lambda c: MappingProxyType({k: v for k, v in sorted((c or {}).items()) if v})  # noqa: E731
+        return cls(keep(candidates), keep(instructions))
+
+    def __add__(self, other: "Drops") -> "Drops":
+        return Drops.of(Counter(self.candidates) + Counter(other.candidates),
+                        Counter(self.instructions) + Counter(other.instructions))  # fmt: skip
+
+    @property
+    def n_candidates(self) -> int:
+        return sum(self.candidates.values())
+
+    @property
+    def n_instructions(self) -> int:
+        return sum(self.instructions.values())
+
+    def as_dict(self) -> dict[str, dict[str, int]]:
+        return {"candidates": dict(self.candidates), "instructions": dict(self.instructions)}
+
+
+@dataclass(frozen=True)
+class Grouped:
+    """Groups read from the input, with what reading them dropped."""
+
+    groups: tuple[Group, ...]
+    drops: Drops = Drops()
+
+
+@dataclass(frozen=True)
+class Stats:
+    """What a run did: counts read, truncated, scored afresh or from the cache, and how long it took."""
+
+    instructions: int = 0  # read
+    candidates: int = 0  # read
+    truncated: int = 0  # kept with their response cut at max_length
+    scored: int = 0  # candidates scored in this run (all ranks)
+    cached: int = 0  # candidates whose score came from the cache
+    tokens_scored: int = 0
+    scored_by_this_rank: int = 0
+    model_loaded: bool = False  # on this rank
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Scores, kept candidates and the ledger of one run. ``groups`` are as scored (too-long candidates gone)."""
+
+    groups: tuple[Group, ...]
+    scores: Mapping[tuple[str, int], Score]
+    kept: Mapping[str, tuple[int, ...]]  # group key -> kept candidate indices, best first
+    drops: Drops = Drops()
+    stats: Stats = field(default_factory=Stats)
+
+    def picks(self) -> list[tuple[Group, Candidate]]:
+        """Every kept (group, candidate), in the order of ``kept``."""
+        by_key = {g.key: (g, {c.index: c for c in g.candidates}) for g in self.groups}
+        return [(by_key[k][0], by_key[k][1][i]) for k, idx in self.kept.items() for i in idx]
+
+    def dropping(self, keys: Iterable[str], reason: str) -> "Selection":
+        """The same selection without the instructions ``keys``, counted under ``reason``."""
+        gone = set(keys) & set(self.kept)
+        lost = Drops.of({reason: sum(len(self.kept[k]) for k in gone)}, {reason: len(gone)})
+        kept = {k: v for k, v in self.kept.items() if k not in gone}
+        return replace(self, kept=MappingProxyType(kept), drops=self.drops + lost)

@@ -1,0 +1,210 @@
+"""Axolotl as a GRAPE host: the run's ``datasets:`` in, the selection's JSONL files out, ``cfg.datasets`` repointed.
+
+Every entry is read as Axolotl reads it and grouped across entries (pooled data often comes as one file per
+generator). The scoring model is the run's own: Axolotl's tokenizer and ``ModelLoader`` (its quantization,
+adapters and attention settings). The kept rows are written, in each entry's own shape, to
+``{dataset_prepared_path}/grape/{key}/`` with the reports, and Axolotl then tokenises and caches them as usual.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from grape_plugin.config import GrapeConfig, host_config
+from grape_plugin.errors import GrapeError
+from grape_plugin.formats import Context, Format, Input, detect_format, group_rows
+from grape_plugin.host import Host, prepare
+from grape_plugin.models import ModelSpec, weights_identity
+from grape_plugin.plugins import registry
+from grape_plugin.records import Candidate, Group, Grouped, Selection
+from grape_plugin.render import Renderer
+from grape_plugin.scoring import Scorer
+
+from .args import HINTS
+from .render import train_renderer
+
+# Axolotl's logging config shows INFO only for loggers named axolotl.*
+LOG = logging.getLogger("axolotl.integrations.grape_plugin")
+
+DTYPES = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
+# Axolotl settings that shape the tokens and labels a candidate is scored on
+TOKENIZING_KEYS = (
+    "tokenizer_config", "tokenizer_type", "tokenizer_use_fast", "tokenizer_legacy", "chat_template",
+    "chat_template_jinja", "default_system_message", "special_tokens", "tokens", "added_tokens_overrides",
+    "sequence_len", "train_on_inputs", "excess_length_strategy",
+)  # fmt: skip
+# Axolotl settings that change the scoring model beyond its files
+MODEL_KEYS = (
+    "torch_dtype", "adapter", "load_in_8bit", "load_in_4bit", "gptq", "bnb_config_kwargs", "flash_attention",
+    "sdp_attention", "xformers_attention", "eager_attention", "attn_implementation", "overrides_of_model_config",
+    "overrides_of_model_kwargs", "model_config_type", "type_of_model",
+)  # fmt: skip
+UNSUPPORTED_ENTRY_KEYS = ("shards", "preprocess_shards")
+# entry keys that say where the original rows come from; the rewritten entry points at the selection instead
+SOURCE_KEYS = ("path", "ds_type", "data_files", "split", "name", "revision", "weight")
+
+
+def grape_config(cfg: Any) -> GrapeConfig:
+    """The ``grape:`` block over the run's defaults (``template: train``, ``max_length: sequence_len``)."""
+    truncate = str(cfg.excess_length_strategy or "drop").lower() == "truncate"
+    defaults = {
+        "model": str(cfg.base_model),
+        "max_length": cfg.sequence_len,
+        "over_length": "truncate" if truncate else "drop",
+        "dtype": DTYPES.get(str(cfg.torch_dtype), "auto"),
+    }
+    return host_config(cfg.grape, defaults, "grape", HINTS)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One ``datasets:`` entry: its config, its rows as Axolotl loads them, and how they read as candidates."""
+
+    config: Any
+    rows: Any
+    format: Format
+    context: Context
+    digest: str
+
+    def training_row(self, group: Group, cand: Candidate) -> dict:
+        """The row written, and so trained on, for ``cand``."""
+        return self.format.selected(self.rows, [(group, cand)], self.context)[0]
+
+
+def row_digest(rows: Any) -> str:
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode() + b"\n")
+    return digest.hexdigest()
+
+
+def load_entries(cfg: Any, gcfg: GrapeConfig) -> list[Entry]:
+    """Every ``datasets:`` entry's rows, exactly as Axolotl loads them (same features, same None-filling)."""
+    from axolotl.utils.data.shared import load_dataset_with_config
+    from datasets import DatasetDict, IterableDatasetDict
+
+    formats = registry("formats")
+    entries = []
+    for i, entry_cfg in enumerate(cfg.datasets):
+        where = f"datasets[{i}] ({entry_cfg.path})"
+        for key in UNSUPPORTED_ENTRY_KEYS:
+            if entry_cfg.get(key):
+                raise GrapeError(f"{where}: {key}: is not supported with grape: (the selection needs whole groups)")
+        if isinstance(entry_cfg.name, list):
+            raise GrapeError(f"{where}: a list of name: configs is not supported with grape:; use one entry each")
+        rows = load_dataset_with_config(entry_cfg, cfg.hf_use_auth_token, streaming=False)
+        if isinstance(rows, (DatasetDict, IterableDatasetDict)):
+            split = entry_cfg.split if entry_cfg.split in rows else "train"
+            if split not in rows:
+                raise GrapeError(f"{where}: no '{split}' split; name one with split:")
+            rows = rows[split]
+        ctx = Context(where, list(rows.column_names), gcfg)
+        entries.append(Entry(entry_cfg, rows, detect_format(ctx, formats), ctx, row_digest(rows)))
+    return entries
+
+
+class AxolotlHost(Host):
+    """The GRAPE host contract for one Axolotl run (see ``grape_plugin.host``)."""
+
+    def __init__(self, cfg: Any, gcfg: GrapeConfig, prepared_default: str):
+        self.cfg, self.gcfg, self.prepared_default = cfg, gcfg, prepared_default
+        self.entries = load_entries(cfg, gcfg)
+        self.where = ", ".join(e.context.file for e in self.entries)
+
+    def scorer(self) -> Scorer:
+        from axolotl.loaders import ModelLoader, load_tokenizer
+
+        from grape_plugin.scoring import TransformersScorer
+
+        cfg = self.cfg
+        tokenizer = load_tokenizer(cfg)
+        weights = [weights_identity(str(cfg.base_model), cfg.revision_of_model)]
+        if cfg.lora_model_dir:
+            weights.append(weights_identity(str(cfg.lora_model_dir)))
+        identity = "axolotl|" + "|".join(weights) + "|" + json.dumps({k: str(cfg.get(k)) for k in MODEL_KEYS})
+
+        def load() -> Any:
+            model, _ = ModelLoader(cfg, tokenizer, inference=True).load()
+            return model.eval().requires_grad_(False)
+
+        spec = ModelSpec(str(cfg.base_model), tokenizer, identity, load)
+        return TransformersScorer(spec, self.gcfg.batch_tokens)
+
+    def key_parts(self) -> Mapping[str, Any]:
+        return {
+            "axolotl": {k: self.cfg.get(k) for k in TOKENIZING_KEYS},
+            "datasets": [{"entry": dict(e.config), "rows": e.digest} for e in self.entries],
+        }
+
+    def read(self) -> Grouped:
+        inputs = [Input(e.rows, e.format, e.context) for e in self.entries]
+        return group_rows(inputs, self.gcfg.min_candidates)
+
+    def renderer(self, scorer: Scorer) -> Renderer:
+        """``template: train``: each candidate's training row through its entry's Axolotl prompt strategy."""
+        from grape_plugin.pipeline import make_renderer
+
+        if self.gcfg.template != "train":
+            return make_renderer(scorer, self.gcfg)
+        return train_renderer(self.cfg, scorer.tokenizer, self.entries)
+
+    def folder(self, key: str) -> Path:
+        return Path(self.cfg.dataset_prepared_path or self.prepared_default) / "grape" / key
+
+    def write(self, selection: Selection, folder: Path) -> None:
+        """One ``selected_<entry>.jsonl`` per entry that kept any row."""
+        for part, entry in enumerate(self.entries):
+            picks = [(g, c) for g, c in selection.picks() if c.part == part]
+            if picks:
+                rows = entry.format.selected(entry.rows, picks, entry.context)
+                rows.to_json(str(folder / f"selected_{part}.jsonl"), lines=True, force_ascii=False)
+
+    def is_writer(self) -> bool:
+        from grape_plugin.distributed import rank_world
+
+        return rank_world()[0] == 0
+
+
+def check_run(cfg: Any) -> None:
+    """Refuse what GRAPE cannot select for, rather than silently training on unselected data."""
+    if cfg.rl:
+        raise GrapeError(f"grape: selects SFT data; this run has rl: {cfg.rl} (remove the grape: block)")
+    if cfg.pretraining_dataset:
+        raise GrapeError("grape: selects SFT datasets:, not a pretraining_dataset (remove the grape: block)")
+    if not cfg.datasets:
+        raise GrapeError("grape: the config has no datasets: to select from")
+
+
+def init_process_group() -> None:
+    """Axolotl calls the hook on every rank before torch.distributed exists; start it the way Axolotl will."""
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        from axolotl.utils.distributed import init_distributed_state
+
+        init_distributed_state()
+
+
+def repoint(entry_cfg: Any, path: Path) -> Any:
+    """The entry with its source replaced by the selected JSONL; type, roles and field mappings stay."""
+    from axolotl.utils.dict import DictDefault
+
+    kept = {k: v for k, v in entry_cfg.items() if k not in SOURCE_KEYS}
+    return DictDefault({**kept, "path": str(path.resolve()), "ds_type": "json"})
+
+
+def select_datasets(cfg: Any, prepared_default: str) -> None:
+    """Point ``cfg.datasets`` at the GRAPE selection, selecting first unless it is on disk."""
+    gcfg = grape_config(cfg)
+    check_run(cfg)
+    init_process_group()
+    prepared = prepare(AxolotlHost(cfg, gcfg, prepared_default), gcfg)
+    files = [(i, prepared.folder / f"selected_{i}.jsonl") for i in range(len(cfg.datasets))]
+    cfg.datasets = [repoint(cfg.datasets[i], path) for i, path in files if path.is_file()]
+    LOG.info("GRAPE selection (%s):\n%s", prepared.folder, prepared.manifest["summary"])
