@@ -256,23 +256,28 @@ def detect_format(ctx: Context, formats: dict[str, Format]) -> Format:
 
 
 class Input(NamedTuple):
-    """One input part: its rows, its format and its reading context."""
+    """One input part: its rows, its format, its reading context, and how many of its instructions to read."""
 
     rows: Iterable[dict]
     format: Format
     context: Context
+    limit: Optional[int] = None  # read only the first N instructions of this part (a host's max_samples)
 
 
 def group_rows(inputs: Sequence[Input], min_candidates: int, limit: Optional[int] = None) -> Grouped:
     """Turn the rows of every input into groups (candidates numbered by part): by the id column when present, else
     by the exact prompt, across parts; ``limit`` keeps the first N instructions."""
     drafts: dict[str, tuple[Group, list[Candidate]]] = {}
-    for part, (rows, fmt, ctx) in enumerate(inputs):
+    for part, (rows, fmt, ctx, part_limit) in enumerate(inputs):
         id_col = ctx.first(("id",), ctx.cfg.id_column)
+        seen: set[str] = set()
         for i, row in enumerate(rows):
             for prompt, cand, context in fmt.read_row(row, i, ctx):
                 has_id = id_col is not None and row.get(id_col) is not None
                 key = str(row[id_col]) if has_id else prompt_key(prompt, context)
+                if part_limit is not None and key not in seen and len(seen) >= part_limit:
+                    continue
+                seen.add(key)
                 if key not in drafts:
                     drafts[key] = (Group(key, tuple(prompt), row=i, context=context), [])
                 elif has_id and (drafts[key][0].prompt, drafts[key][0].context) != (tuple(prompt), context):

@@ -58,6 +58,10 @@ class Host(Protocol):
     def is_writer(self) -> bool:
         """Whether this process publishes the folder (one per file system)."""
 
+    def finish(self, selection: Selection) -> Selection:
+        """The host's last word on a selection before it is written (its own caps); by default none."""
+        return selection
+
 
 @dataclass(frozen=True)
 class Prepared:
@@ -97,6 +101,7 @@ def prepare(host: Host, cfg: GrapeConfig) -> Prepared:
     log.info("GRAPE: selecting with %s (template %s) into %s", scorer.identity, cfg.template, folder)
     try:
         selection = run_groups(host.read(), cfg, scorer=scorer, renderer=host.renderer(scorer), file=host.where)
+        selection = host.finish(selection)
     finally:
         scorer.close()  # before the host loads the model it trains
     if not selection.kept:
