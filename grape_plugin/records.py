@@ -7,11 +7,9 @@ import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass, field, fields, replace
-from types import MappingProxyType
 from typing import Any, Iterable, Mapping, NamedTuple, Optional
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
-NO_CONTEXT: Mapping[str, Any] = MappingProxyType({})
 
 
 @dataclass(frozen=True)
@@ -48,7 +46,7 @@ class Group:
     prompt: tuple[Message, ...]
     candidates: tuple[Candidate, ...] = ()
     row: int = 0  # first input row of the group
-    context: Mapping[str, Any] = field(default_factory=lambda: NO_CONTEXT)
+    context: Mapping[str, Any] = field(default_factory=dict)
 
     def with_candidates(self, candidates: Iterable[Candidate]) -> "Group":
         return replace(self, candidates=tuple(candidates))
@@ -59,10 +57,10 @@ class Draft(NamedTuple):
 
     prompt: list[Message]
     candidate: Candidate
-    context: Mapping[str, Any] = NO_CONTEXT
+    context: Mapping[str, Any] = {}  # noqa: RUF012 (a NamedTuple default, never mutated)
 
 
-def prompt_key(prompt: Iterable[Message], context: Mapping[str, Any] = NO_CONTEXT) -> str:
+def prompt_key(prompt: Iterable[Message], context: Optional[Mapping[str, Any]] = None) -> str:
     """A stable key for a prompt: the same text gives the same key in every run, rank and host."""
     value: Any = list(prompt) if not context else [list(prompt), dict(context)]
     text = json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
@@ -85,13 +83,13 @@ class Score:
 class Drops:
     """What was dropped, by reason: candidates and whole instructions, counted separately."""
 
-    candidates: Mapping[str, int] = field(default_factory=lambda: NO_CONTEXT)
-    instructions: Mapping[str, int] = field(default_factory=lambda: NO_CONTEXT)
+    candidates: Mapping[str, int] = field(default_factory=dict)
+    instructions: Mapping[str, int] = field(default_factory=dict)
 
     @classmethod
     def of(cls, candidates: Optional[Mapping[str, int]] = None, instructions: Optional[Mapping[str, int]] = None) -> "Drops":
         """From counters; zero counts are left out."""
-        keep = lambda c: MappingProxyType({k: v for k, v in sorted((c or {}).items()) if v})  # noqa: E731
+        keep = lambda c: {k: v for k, v in sorted((c or {}).items()) if v}  # noqa: E731
         return cls(keep(candidates), keep(instructions))
 
     def __add__(self, other: "Drops") -> "Drops":
@@ -156,4 +154,4 @@ class Selection:
         gone = set(keys) & set(self.kept)
         lost = Drops.of({reason: sum(len(self.kept[k]) for k in gone)}, {reason: len(gone)})
         kept = {k: v for k, v in self.kept.items() if k not in gone}
-        return replace(self, kept=MappingProxyType(kept), drops=self.drops + lost)
+        return replace(self, kept=kept, drops=self.drops + lost)

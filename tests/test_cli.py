@@ -27,6 +27,19 @@ def read_jsonl(path: Path) -> list[dict]:
 
 
 @pytest.fixture()
+def fails(capsys):
+    """Run the CLI in this process; return its exit code and its stderr, which must hold no traceback."""
+
+    def call(*args: str) -> tuple[int, str]:
+        code = main(list(args))
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and len(err.strip().splitlines()) >= 1
+        return code, err
+
+    return call
+
+
+@pytest.fixture()
 def selected(tmp_path, tiny_model, pool_file):
     out = tmp_path / "out"
     cache = tmp_path / "cache"
@@ -78,39 +91,46 @@ def test_preview_shows_candidates_and_winner(tiny_model, pool_file, capsys):
     assert "wins per source:" in out and "instructions: 2 read, 2 kept" in out
 
 
-def test_config_file_and_unknown_keys(tmp_path, tiny_model, pool_file):
+def test_config_file_and_unknown_keys(tmp_path, tiny_model, pool_file, fails):
     good = tmp_path / "good.yaml"
     good.write_text(f"grape:\n  model: {tiny_model}\n  top_k: 2\n  cache_dir: null\n")
     assert main(["select", str(pool_file), "--config", str(good), "-o", str(tmp_path / "o")]) == 0
     assert json.loads((tmp_path / "o" / "report.json").read_text())["candidates_kept"] == 12
     bad = tmp_path / "bad.yaml"
     bad.write_text("top_kk: 2\n")
-    result = grape("select", str(pool_file), "--config", str(bad), "-o", str(tmp_path / "o2"))
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert "unknown key 'top_kk'; expected one of:" in result.stderr and "top_k" in result.stderr
+    code, err = fails("select", str(pool_file), "--config", str(bad), "-o", str(tmp_path / "o2"))
+    assert code == 2 and "unknown key 'top_kk'; expected one of:" in err and "top_k" in err
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
         (["--model", "/nonexistent/model"], "--model /nonexistent/model: no such file or folder"),
+        (["--model", "EMPTY"], "the folder has no config.json; expected a transformers model folder"),
         (["--template", "nope"], "no renderer named 'nope'; registered: paper, chat"),
     ],
 )
-def test_cli_errors_are_one_clear_line(pool_file, tiny_model, args, message, tmp_path):
+def test_cli_errors_are_one_clear_line(pool_file, tiny_model, args, message, tmp_path, fails):
+    (tmp_path / "EMPTY").mkdir()
     argv = ["preview", str(pool_file), "--no-cache", "--limit", "1"]
     if "--model" not in args:
         argv += ["--model", str(tiny_model)]
-    result = grape(*argv, *args)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert message in result.stderr
+    args = [str(tmp_path / a) if a == "EMPTY" else a for a in args]
+    code, err = fails(*argv, *args)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
 
 
-def test_bad_row_via_cli(tmp_path):
+def test_bad_row_via_cli(tmp_path, fails):
     path = write_jsonl(tmp_path / "bad.jsonl", [{"instruction": "x", "output": "a"}, {"instruction": "x", "output": " "}])
-    result = grape("preview", str(path), "--model", "unused")
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert f"{path}: row 2: field 'output': is empty" in result.stderr
+    code, err = fails("preview", str(path), "--model", "unused")
+    assert code == 2 and f"{path}: row 2: field 'output': is empty" in err
+
+
+def test_chat_row_that_opens_with_the_assistant_is_refused(tmp_path, tiny_model, fails):
+    rows = [{"messages": [{"role": "assistant", "content": "Hello!"}]}]
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    code, err = fails("select", str(path), "--model", str(tiny_model), "--no-cache", "-o", str(tmp_path / "o"))
+    assert code == 2 and "row 1: field 'messages': the assistant turn to score has no user turn before it" in err
 
 
 def test_output_folder_holding_the_input_is_refused(pool_file, tiny_model):
@@ -164,9 +184,34 @@ def test_entry_point_plugin_is_discovered(tmp_path):
     assert "selectors: best, worst, random, first" in result.stdout and "extra" in result.stdout
 
 
-def test_remote_code_runs_only_when_asked(pool_file):
-    from grape_plugin.cli import build_config, parser
+@pytest.mark.parametrize("flag, expected", [([], False), (["--trust-remote-code"], True)])
+def test_remote_code_runs_only_when_asked(pool_file, tiny_model, monkeypatch, flag, expected):
+    """The flag reaches every from_pretrained call that could run the model's code."""
+    import transformers
 
-    args = ["select", str(pool_file), "-o", "out"]
-    assert build_config(parser().parse_args(args)).trust_remote_code is False
-    assert build_config(parser().parse_args(args + ["--trust-remote-code"])).trust_remote_code is True
+    seen = []
+    for cls in (transformers.AutoConfig, transformers.AutoTokenizer, transformers.AutoModelForCausalLM):
+        original = cls.from_pretrained.__func__
+
+        def spy(klass, *args, _original=original, **kwargs):
+            seen.append((klass.__name__, kwargs.get("trust_remote_code")))
+            return _original(klass, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "from_pretrained", classmethod(spy))
+    assert main(["preview", str(pool_file), "--model", str(tiny_model), "--limit", "1", "--no-cache", *flag]) == 0
+    assert {name for name, _ in seen} == {"AutoConfig", "AutoTokenizer", "AutoModelForCausalLM"}
+    assert all(value is expected for _, value in seen)
+
+
+def test_a_fully_cached_rerun_loads_no_weights(selected, tiny_model, pool_file, tmp_path, monkeypatch):
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights loaded on a fully cached run")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    _, cache = selected
+    out = tmp_path / "again"
+    assert main(["select", str(pool_file), "--model", str(tiny_model), "-o", str(out), "--cache-dir", str(cache), "--top-k", "2"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["scored"] == 0 and report["model_loaded"] is False

@@ -1,0 +1,82 @@
+"""Properties of the code itself: no import cycles, one place for options, stages that return new values."""
+
+from __future__ import annotations
+
+import ast
+import copy
+
+from tests.helpers import ROOT, write_jsonl
+
+from grape_plugin import GrapeConfig, read, run_groups
+from grape_plugin.cli import parser
+
+
+def module_imports() -> dict[str, set[str]]:
+    """Every grape_plugin module (integrations included) and the package modules it imports, at any depth."""
+    roots = {"grape_plugin": ROOT / "grape_plugin", "grape_plugin.integrations": ROOT / "integrations"}
+    graph: dict[str, set[str]] = {}
+    for prefix, folder in roots.items():
+        for path in folder.rglob("*.py"):
+            parts = list(path.relative_to(folder).with_suffix("").parts)
+            is_pkg = parts[-1] == "__init__"
+            name = ".".join([prefix, *parts[:-1]] if is_pkg else [prefix, *parts])
+            package = name if is_pkg else name.rpartition(".")[0]
+            found = set()
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom):
+                    base = package.split(".")
+                    target = ".".join(base[: len(base) - node.level + 1] + ([node.module] if node.module else [])) \
+                        if node.level else node.module  # fmt: skip
+                    found |= {target, *(f"{target}.{a.name}" for a in node.names)}
+                elif isinstance(node, ast.Import):
+                    found |= {a.name for a in node.names}
+            graph[name] = found
+    # importing a submodule runs its parent packages first anyway: edges to ancestors are not cycles
+    return {m: {t for t in targets if t in graph and t != m and not m.startswith(t + ".")} for m, targets in graph.items()}
+
+
+def test_no_import_cycles():
+    graph = module_imports()
+    assert "grape_plugin.records" in graph and "grape_plugin.integrations.axolotl.host" in graph
+
+    def visit(module: str, path: list[str]) -> None:
+        for target in sorted(graph[module]):
+            if target in path:
+                raise AssertionError("import cycle: " + " -> ".join(path[path.index(target):] + [target]))
+            elif target not in done:
+                visit(target, path + [target])
+        done.add(module)
+
+    done: set[str] = set()
+    for module in sorted(graph):
+        visit(module, [module])
+
+
+def test_every_option_is_a_flag_with_the_fields_help():
+    sub = parser()._subparsers._group_actions[0].choices["select"]  # type: ignore[union-attr]
+    actions = {a.dest: a for a in sub._actions}
+    for name, field in GrapeConfig.model_fields.items():
+        assert name in actions, f"GrapeConfig.{name} has no flag"
+        assert actions[name].help.startswith(field.description)
+    assert actions["dtype"].choices == ["auto", "fp32", "bf16", "fp16"] and actions["top_k"].type is int
+
+
+def test_stages_return_new_values_and_leave_their_inputs_alone(tmp_path, tiny_model):
+    rows = [{"id": "a", "instruction": "Say hi", "output": "hi"}, {"id": "a", "instruction": "Say hi", "output": "hello " * 200},
+            {"id": "b", "instruction": "Write", "output": "word " * 200}, {"id": "b", "instruction": "Write", "output": "text"}]
+    data = read(write_jsonl(tmp_path / "long.jsonl", rows), GrapeConfig(cache_dir=None))
+    before = copy.deepcopy(data.grouped)
+    cfg = GrapeConfig(model=str(tiny_model), cache_dir=None, max_length=64)
+    selection = run_groups(data.grouped, cfg)
+    assert data.grouped == before and [len(g.candidates) for g in data.groups] == [2, 2]
+    assert [len(g.candidates) for g in selection.groups] == [1, 1]
+
+
+def test_truncated_candidates_are_kept_not_dropped(tmp_path, tiny_model):
+    rows = [{"id": "a", "instruction": "Say hi", "output": "hello " * 200}, {"id": "a", "instruction": "Say hi", "output": "hi"}]
+    data = read(write_jsonl(tmp_path / "t.jsonl", rows), GrapeConfig(cache_dir=None))
+    cfg = GrapeConfig(model=str(tiny_model), cache_dir=None, max_length=64, over_length="truncate")
+    selection = run_groups(data.grouped, cfg)
+    assert selection.stats.truncated == 1 and selection.drops.as_dict() == {
+        "candidates": {"not_selected": 1}, "instructions": {}}
+    assert len(selection.groups[0].candidates) == 2
