@@ -8,6 +8,7 @@
 See README.md in this folder. ``llamafactory-cli`` itself ignores the key and trains on every row.
 """
 
+from .host import LlamaFactoryHost
 from .train import prepare, select_offline, train, train_rank
 
-__all__ = ["prepare", "select_offline", "train", "train_rank"]
+__all__ = ["LlamaFactoryHost", "prepare", "select_offline", "train", "train_rank"]

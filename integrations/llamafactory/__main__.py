@@ -6,7 +6,8 @@ import sys
 
 from grape_plugin.errors import GrapeError
 
-from .train import read_args, train_rank
+from .compat import read_args
+from .train import train_rank
 
 logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 try:

@@ -20,7 +20,6 @@ import yaml
 
 from tests.helpers import SHARED, build_tiny_smollm2, pool_rows
 
-from grape_plugin.candidates import Drops
 from grape_plugin.cli import main
 
 pytestmark = pytest.mark.llamafactory
@@ -167,7 +166,7 @@ def test_train_trains_on_the_selection_and_a_rerun_reuses_it(lf_model, tmp_path,
     labels = trained_labels(tmp_path / "tokenized", lf_model)
     assert_trained_on_selection(labels, expected_labels(data, direct_picks))
     report = json.loads((folder / "report.json").read_text())
-    assert report["dropped"]["candidate:too_long"] > 0 and "truncated" not in report["dropped"]
+    assert report["dropped"]["candidates"]["too_long"] > 0 and "truncated" not in report["dropped"]["candidates"]
     generators = {r["generator"] for r in pool_rows(4)}
     assert set(report["wins_per_source"]) <= generators | {"chosen", "rejected"}
     assert (folder / "scores.jsonl").is_file()
@@ -215,13 +214,60 @@ def plan_for(tmp_path: Path, model: Path, **overrides):
 
 
 def test_ranking_rows_are_two_candidates_and_max_samples_keeps_whole_instructions(lf_model, tmp_path):
-    from grape_plugin.integrations.llamafactory.data import read_entries
-
     plan = plan_for(tmp_path, lf_model, max_samples=2)
-    groups = read_entries(plan.entries, plan.data_args, Drops())
-    assert [len(g.candidates) for g in groups if g.candidates[0].slot == "pool"] == [8, 8]
-    ranking = [g for g in groups if g.candidates[0].slot == "dpo"]
+    groups = plan.read().groups
+    assert [len(g.candidates) for g in groups if g.candidates[0].part == 0] == [8, 8]  # part 0: pool
+    ranking = [g for g in groups if g.candidates[0].part == 1]  # part 1: dpo
     assert [[c.source for c in g.candidates] for g in ranking] == [["chosen", "rejected"]] * 2
+
+
+def set_grape(data: Path, **options) -> Path:
+    """Every selected entry of ``data`` with the same new ``grape`` options."""
+    info = json.loads((data / "dataset_info.json").read_text())
+    for entry in info.values():
+        if "grape" in entry:
+            entry["grape"] = options
+    (data / "dataset_info.json").write_text(json.dumps(info))
+    return data
+
+
+def select(cfg: Path, out: Path, *overrides: str) -> tuple[dict, dict]:
+    """``grape-plugin llamafactory select`` in this process: (report.json, selection.json) of ``out``."""
+    assert main(["llamafactory", "select", str(cfg), *overrides, "-o", str(out)]) == 0
+    return tuple(json.loads((out / name).read_text()) for name in ("report.json", "selection.json"))
+
+
+def test_a_fully_cached_rerun_loads_no_weights(lf_model, tmp_path, monkeypatch):
+    import llamafactory.model
+
+    monkeypatch.setenv("GRAPE_CACHE_DIR", str(tmp_path / "cache"))
+    data = make_data(tmp_path)
+    cfg = write_config(tmp_path / "train.yaml", lf_model, data)
+    first, first_manifest = select(cfg, tmp_path / "one")
+    assert first["model_loaded"] and first["scored"] > 0
+    set_grape(data, top_k=2)  # a new selection of the same candidates
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were loaded although every score is cached")
+
+    monkeypatch.setattr(llamafactory.model, "load_model", no_weights)
+    second, manifest = select(cfg, tmp_path / "two")
+    assert manifest["key"] != first_manifest["key"] and manifest["report"]["model_loaded"] is False
+    assert second["scored"] == 0 and second["cached"] > 0 and second["model_loaded"] is False
+    assert second["candidates_kept"] > first["candidates_kept"]
+
+
+def test_max_samples_with_top_k_keeps_whole_instructions_per_entry(lf_model, tmp_path, monkeypatch):
+    monkeypatch.setenv("GRAPE_CACHE_DIR", str(tmp_path / "cache"))
+    data = set_grape(make_data(tmp_path), top_k=2)
+    cfg = write_config(tmp_path / "train.yaml", lf_model, data, max_samples=2, cutoff_len=2048)  # none too long
+    report, _ = select(cfg, tmp_path / "out")
+    # 2 instructions read per entry, 2 rows kept of each: the second would push an entry to 4 rows > max_samples
+    assert report["dropped"]["instructions"]["over_max_samples"] == 2
+    assert report["dropped"]["candidates"]["over_max_samples"] == 4
+    for name in ("pool", "dpo"):
+        rows = (tmp_path / "out" / f"{name}.jsonl").read_text().splitlines()
+        assert len(rows) == 2 and len({json.dumps(json.loads(r)["messages"][:-1]) for r in rows}) == 1
 
 
 def test_an_existing_tokenized_path_skips_selection_with_a_warning(lf_model, tmp_path, caplog):
