@@ -43,7 +43,11 @@ class GrapeConfig(BaseModel):
     min_candidates: int = Field(1, ge=1, description="drop instructions with fewer distinct responses")
     # reading
     format: str = Field("auto", description="input shape: auto, long, list, messages, preference, or a registered one")
-    id_column: Optional[str] = Field(None, description="column that groups the rows of one instruction")
+    split: Optional[str] = Field(None, description="split of a saved dataset folder or DatasetDict (default: train)")
+    group_by: str = Field("auto", description="what makes an instruction: auto (an id column whose ids repeat, else "
+                                              "the prompt), prompt, or a column name")
+    on_bad_row: Literal["error", "skip"] = Field("error", description="a row that cannot be read stops the run, or "
+                                                                      "is skipped and counted")
     source_column: Optional[str] = Field(None, description="column naming each response's source")
     response_column: Optional[str] = Field(None, description="column with the response in long rows")
     candidates_column: Optional[str] = Field(None, description="column with a list of candidate responses")
@@ -72,17 +76,21 @@ HOST_DECIDES = ("model", "revision", "trust_remote_code", "dtype", "device", "sc
 def host_config(block: Any, defaults: dict[str, Any], where: str, hints: dict[str, str]) -> "GrapeConfig":
     """A host's GRAPE block (a mapping, or ``True``/``{}`` for the defaults) over the run's ``defaults``.
 
-    The scoring model is the model the run trains, so the keys in ``HOST_DECIDES`` are refused with the host's own
-    ``hints`` (where to set them instead); the template is ``train`` or a registered one.
+    The scoring model is the model the run trains, so the keys in ``HOST_DECIDES`` (and any other key in ``hints``)
+    are refused with the host's own hint (where to set it instead); the template is ``train`` or a registered one.
     """
     from .plugins import registry
 
     block = {} if block is True else block
     if not isinstance(block, dict):
-        raise GrapeError(f"{where}: must be a mapping of GRAPE options, got {type(block).__name__}")
+        raise GrapeError(f"{where}: must be an object of GRAPE options (or true), got {type(block).__name__}")
+    refused = {k: hints.get(k, "the run decides it") for k in (*HOST_DECIDES, *hints)}
     for key in block:
-        if key in HOST_DECIDES:
-            raise GrapeError(f"{where}: '{key}' cannot be set here: {hints.get(key, 'the run decides it')}")
+        if key in refused:
+            raise GrapeError(f"{where}: '{key}' cannot be set here: {refused[key]}")
+        if key not in GrapeConfig.model_fields:
+            allowed = ", ".join(sorted(k for k in GrapeConfig.model_fields if k not in refused))
+            raise GrapeError(f"{where}: unknown key '{key}'; expected one of: {allowed}")
     cfg = GrapeConfig.from_mapping({"template": HOST_TEMPLATE, **defaults, **block}, where=where)
     templates = (HOST_TEMPLATE, *registry("renderers"))
     if cfg.template not in templates:

@@ -8,15 +8,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from .errors import GrapeError, input_error
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
 
-def read_dataset(path: str | Path) -> Any:
-    """A ``datasets.Dataset`` of the file's rows (the ``train`` split of a saved DatasetDict)."""
+def read_dataset(path: str | Path, split: Optional[str] = None) -> Any:
+    """A ``datasets.Dataset`` of the file's rows; of a saved folder's ``split`` (default ``train``)."""
     import datasets
 
     path = Path(path)
@@ -27,9 +27,9 @@ def read_dataset(path: str | Path) -> Any:
             data = datasets.load_from_disk(str(path))
         except (FileNotFoundError, ValueError) as exc:
             raise GrapeError(f"{path}: not a saved Hugging Face dataset ({exc})") from None
-        if isinstance(data, datasets.DatasetDict):
-            data = data["train"] if "train" in data else next(iter(data.values()))
-        return data
+        return pick_split(data, split, str(path))
+    if split not in (None, "train"):
+        raise GrapeError(f"{path}: --split {split}: a data file has one split, train; split names a saved dataset's")
     builder = BUILDERS.get(path.suffix.lower())
     if builder is None:
         raise GrapeError(f"{path}: unsupported file type; expected {', '.join(BUILDERS)} or a saved dataset folder")
@@ -44,6 +44,18 @@ def read_dataset(path: str | Path) -> Any:
     if len(data) == 0:
         raise GrapeError(f"{path}: the file has no rows")
     return data
+
+
+def pick_split(data: Any, split: Optional[str], where: str) -> Any:
+    """One split of a ``DatasetDict`` (``split``, else ``train``); a plain ``Dataset`` as it is."""
+    import datasets
+
+    if not isinstance(data, (datasets.DatasetDict, datasets.IterableDatasetDict)):
+        return data
+    name = split or "train"
+    if name not in data:
+        raise GrapeError(f"{where}: no split '{name}'; its splits are {', '.join(data)}: name one with --split")
+    return data[name]
 
 
 def find_bad_json(path: Path) -> None:

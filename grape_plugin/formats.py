@@ -1,26 +1,36 @@
 """Input shapes: read rows into groups of candidates, and write a selection back in the input's shape.
 
-Every shape turns a row into (prompt messages, candidates). Rows are then grouped by an id column when
-there is one, else by the exact prompt, so pooled data (one row per instruction and generator) and data
-with a list of candidates per row end up the same way.
+Every shape turns a row into drafts (a prompt as chat messages and one candidate). Drafts are grouped into
+instructions by ``group_by``: by default an ``id`` column groups only when its ids repeat (many datasets give every
+row its own id), otherwise the exact prompt does, so pooled data (one row per instruction and generator) and data
+with a list of candidates per row end up the same way. Dialogue text ("Human: ... Assistant: ...", as in
+HH-RLHF and Nectar) is read as chat turns.
 """
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequence
 
 from .config import GrapeConfig
-from .errors import GrapeError, input_error
+from .errors import SKIP_HINT, GrapeError, RowError, input_error
 from .hookspecs import hookimpl
 from .records import Candidate, Draft, Drops, Group, Grouped, Message, prompt_key
 
 PROMPT_COLUMNS = ("instruction", "prompt", "question", "query")
 RESPONSE_COLUMNS = ("output", "response", "completion", "answer")
 SOURCE_COLUMNS = ("generator", "source", "model")
-LIST_COLUMNS = ("responses", "candidates", "outputs", "completions")
+LIST_COLUMNS = ("responses", "candidates", "outputs", "completions", "answers")
+ITEM_TEXT_FIELDS = ("response", "answer", "text", "content", "output", "completion")  # in a list of objects
+ITEM_SOURCE_FIELDS = ("model", "source", "generator")
+SOURCE_LISTS = ("models", "generators", "sources")  # the sources of a list of strings, position by position
+ADDED_RESPONSE, ADDED_SOURCE = "grape_response", "grape_source"  # columns a selection adds to a list's rows
 ROLE_ALIASES = {"human": "user", "gpt": "assistant", "user": "user", "assistant": "assistant", "system": "system"}
+DIALOGUE_TURN = re.compile(r"\n\n(Human|Assistant):")
+ASSISTANT_MARK = "\n\nAssistant:"
+SKIP_EXAMPLES = 5  # skipped rows named in the report
 
 
 @dataclass
@@ -31,11 +41,12 @@ class Context:
     columns: list[str]
     cfg: GrapeConfig
 
-    def first(self, names: tuple[str, ...], override: Optional[str] = None) -> Optional[str]:
-        """The column the user named, else the first of ``names`` present in the data."""
+    def first(self, names: tuple[str, ...], override: Optional[str] = None, option: str = "") -> Optional[str]:
+        """The column the user named (with ``option``), else the first of ``names`` present in the data."""
         if override is not None:
             if override not in self.columns:
-                raise GrapeError(f"{self.file}: column '{override}' not found; columns are {', '.join(self.columns)}")
+                raise GrapeError(f"{self.file}: {option + ' ' if option else ''}{override}: no such column; "
+                                 f"its columns are {', '.join(self.columns)}")  # fmt: skip
             return override
         return next((c for c in names if c in self.columns), None)
 
@@ -52,10 +63,23 @@ class Context:
         return value
 
 
+def parse_dialogue(text: str) -> Optional[list[Message]]:
+    """"\n\nHuman: ...\n\nAssistant: ..." as chat messages (None when ``text`` is not such a transcript). A trailing
+    empty "Assistant:" (a prompt waiting for its answer) is left out."""
+    body = "\n\n" + text.lstrip("\n")
+    if not body.startswith("\n\nHuman:") or ASSISTANT_MARK not in body:
+        return None
+    parts = DIALOGUE_TURN.split(body)[1:]
+    turns = [{"role": "user" if who == "Human" else "assistant", "content": said.strip()}
+             for who, said in zip(parts[::2], parts[1::2])]  # fmt: skip
+    return turns[:-1] if turns[-1]["role"] == "assistant" and not turns[-1]["content"] else turns
+
+
 class Format:
     """An input shape. Subclasses say whether they fit the columns, read rows, and write selections."""
 
     name: str = ""
+    needs: str = ""  # what the shape needs, for the error when it is named (--format) but does not fit
 
     def detect(self, ctx: Context) -> bool:
         raise NotImplementedError
@@ -68,19 +92,19 @@ class Format:
         return dataset.select(sorted({c.row for _, c in picks}))
 
     def source(self, row: dict, ctx: Context) -> Optional[str]:
-        col = ctx.first(SOURCE_COLUMNS, ctx.cfg.source_column)
+        col = ctx.first(SOURCE_COLUMNS, ctx.cfg.source_column, "--source-column")
         return None if col is None or row.get(col) is None else str(row[col])
 
 
 def alpaca_prompt(row: dict, i: int, ctx: Context) -> list[Message]:
-    """system + instruction (+ "\\n" + input) as chat messages."""
+    """system + instruction (+ "\\n" + input) as chat messages; a dialogue transcript as its turns."""
     col = ctx.first(PROMPT_COLUMNS)
     if col is None:
         raise GrapeError(f"{ctx.file}: no prompt column; expected one of {', '.join(PROMPT_COLUMNS)}")
     user = ctx.text(row, i, col)
     if "input" in ctx.columns and ctx.text(row, i, "input", optional=True).strip():
         user = f"{user}\n{row['input']}"
-    prompt = [{"role": "user", "content": user}]
+    prompt = parse_dialogue(user) or [{"role": "user", "content": user}]
     if "system" in ctx.columns and ctx.text(row, i, "system", optional=True).strip():
         prompt.insert(0, {"role": "system", "content": row["system"]})
     return prompt
@@ -124,21 +148,24 @@ class LongRows(Format):
     """One row per (instruction, response): alpaca-like columns, rows grouped by id or prompt."""
 
     name = "long"
+    needs = f"an instruction column ({'/'.join(PROMPT_COLUMNS)}) and a response column (--response-column)"
 
     def detect(self, ctx: Context) -> bool:
-        return bool(ctx.first(PROMPT_COLUMNS)) and bool(ctx.first(RESPONSE_COLUMNS, ctx.cfg.response_column))
+        return bool(ctx.first(PROMPT_COLUMNS)) and bool(self.column(ctx))
+
+    def column(self, ctx: Context) -> Optional[str]:
+        return ctx.first(RESPONSE_COLUMNS, ctx.cfg.response_column, "--response-column")
 
     def read_row(self, row, i, ctx):
-        response_col = ctx.first(RESPONSE_COLUMNS, ctx.cfg.response_column)
-        if response_col is None:
-            raise GrapeError(f"{ctx.file}: no response column; expected one of {', '.join(RESPONSE_COLUMNS)}")
-        yield Draft(alpaca_prompt(row, i, ctx), Candidate(ctx.text(row, i, response_col), self.source(row, ctx), i))
+        col = self.column(ctx)
+        yield Draft(alpaca_prompt(row, i, ctx), Candidate(ctx.text(row, i, col), self.source(row, ctx), i))
 
 
 class Messages(Format):
     """Chat rows (``messages`` in OpenAI roles, or ShareGPT ``conversations``): the last assistant turn is the candidate."""
 
     name = "messages"
+    needs = "a messages/conversations column of chat turns"
 
     def column(self, ctx: Context) -> Optional[str]:
         return ctx.first(("messages", "conversations", "conversation"))
@@ -147,52 +174,99 @@ class Messages(Format):
         return self.column(ctx) is not None
 
     def read_row(self, row, i, ctx):
-        prompt, response = split_conversation(row.get(self.column(ctx)), i, self.column(ctx), ctx)
+        col = self.column(ctx)
+        prompt, response = split_conversation(row.get(col), i, col, ctx)
         if not any(m["role"] == "user" for m in prompt):
-            raise input_error(ctx.file, i, self.column(ctx), "the assistant turn to score has no user turn before it")
+            raise input_error(ctx.file, i, col, "the assistant turn to score has no user turn before it")
         yield Draft(prompt, Candidate(response, self.source(row, ctx), i))
 
 
 class ListColumn(Format):
-    """One row per instruction with a list of candidate responses; kept ones become one row each."""
+    """One row per instruction with a list of candidates: strings (sources in a parallel ``models`` list) or
+    objects (UltraFeedback's ``completions``, Nectar's ``answers``) whose text and source are item fields. Each kept
+    candidate becomes a row: the input row unchanged, plus ``grape_response`` and ``grape_source``."""
 
     name = "list"
+    needs = f"a column holding a list of candidates ({'/'.join(LIST_COLUMNS)}), or name it with --candidates-column"
 
     def column(self, ctx: Context) -> Optional[str]:
-        return ctx.first(LIST_COLUMNS, ctx.cfg.candidates_column)
+        named = ctx.cfg.candidates_column
+        if named in SOURCE_LISTS:
+            found = ctx.first(LIST_COLUMNS)
+            raise GrapeError(
+                f"{ctx.file}: --candidates-column {named}: that column holds the candidates' sources, not their text"
+                + (f"; the candidates are in '{found}'" if found else "")
+            )
+        return ctx.first(LIST_COLUMNS, named, "--candidates-column")
 
     def detect(self, ctx: Context) -> bool:
         return self.column(ctx) is not None
 
+    def item(self, item: Any, i: int, field: str, ctx: Context) -> tuple[str, Optional[str]]:
+        """An item's text and, for an object, its source field."""
+        if isinstance(item, str):
+            if not item.strip():
+                raise input_error(ctx.file, i, field, "is empty")
+            return item, None
+        if not isinstance(item, dict):
+            raise input_error(ctx.file, i, field, f"is a {type(item).__name__}: expected a response string or an "
+                                                  f"object with a {'/'.join(ITEM_TEXT_FIELDS)} field")  # fmt: skip
+        text_field = ctx.cfg.response_column or next((f for f in ITEM_TEXT_FIELDS if f in item), None)
+        if text_field is None or text_field not in item:
+            raise input_error(ctx.file, i, field, f"an object with fields {', '.join(item)}: none holds the response "
+                                                  "text; name the field with --response-column")  # fmt: skip
+        text = item[text_field]
+        if not isinstance(text, str) or not text.strip():
+            raise input_error(ctx.file, i, f"{field}.{text_field}", "is empty" if text == "" or (
+                isinstance(text, str)) else f"is a {type(text).__name__}, not a string")  # fmt: skip
+        source_field = ctx.cfg.source_column or next((f for f in ITEM_SOURCE_FIELDS if f in item), None)
+        return text, None if item.get(source_field) is None else str(item[source_field])
+
     def read_row(self, row, i, ctx):
         col = self.column(ctx)
-        responses = row.get(col)
-        if not isinstance(responses, list):
-            raise input_error(ctx.file, i, col, "must be a list of responses")
-        sources = row.get(f"{col}_sources") or row.get("generators") or row.get("sources")
+        items = row.get(col)
+        if not isinstance(items, list):
+            kind = "missing" if items is None else f"a {type(items).__name__}"
+            raise input_error(ctx.file, i, col, f"is {kind}, not a list of candidate responses "
+                                                "(--candidates-column names the column that holds them)")  # fmt: skip
+        sources = row.get(ctx.first(SOURCE_LISTS, None))
         prompt = alpaca_prompt(row, i, ctx)
-        for j, response in enumerate(responses):
-            if not isinstance(response, str) or not response.strip():
-                raise input_error(ctx.file, i, f"{col}[{j}]", "must be a non-empty string")
-            source = str(sources[j]) if isinstance(sources, list) and j < len(sources) else f"{col}[{j}]"
-            yield Draft(prompt, Candidate(response, source, i, item=j))
+        for j, item in enumerate(items):
+            text, source = self.item(item, i, f"{col}[{j}]", ctx)
+            if source is None:
+                source = str(sources[j]) if isinstance(sources, list) and j < len(sources) else f"{col}[{j}]"
+            yield Draft(prompt, Candidate(text, source, i, item=j))
 
     def selected(self, dataset, picks, ctx):
         from datasets import Dataset
 
-        col = self.column(ctx)
-        rows = []
-        for _, cand in sorted(picks, key=lambda p: p[1].origin):
-            row = {k: v for k, v in dataset[cand.row].items() if k != col}
-            row.update(output=cand.response, source=cand.source)
-            rows.append(row)
+        rows = [{**dataset[c.row], ADDED_RESPONSE: c.response, ADDED_SOURCE: c.source}
+                for _, c in sorted(picks, key=lambda p: p[1].origin)]  # fmt: skip
         return Dataset.from_list(rows)
 
 
+def shared_dialogue(chosen: str, rejected: str) -> Optional[tuple[list[Message], str, str]]:
+    """Two dialogue transcripts that differ only in their last answer (HH-RLHF): (prompt turns, the two answers).
+    The prompt is the common text up to its last "Assistant:" mark."""
+    common = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        common += 1
+    cut = chosen.rfind(ASSISTANT_MARK, 0, common + len(ASSISTANT_MARK))
+    prompt = parse_dialogue(chosen[:cut] + ASSISTANT_MARK) if cut >= 0 else None
+    if not prompt:
+        return None
+    rest = cut + len(ASSISTANT_MARK)
+    return prompt, chosen[rest:].strip(), rejected[rest:].strip()
+
+
 class Preference(Format):
-    """chosen/rejected rows (TRL and LLaMA-Factory shapes): both answers are candidates, written as SFT messages."""
+    """chosen/rejected rows (TRL, LLaMA-Factory and HH-RLHF shapes): both answers are candidates, written as SFT
+    messages (with ``grape_source``: chosen or rejected)."""
 
     name = "preference"
+    needs = "chosen and rejected columns"
 
     def detect(self, ctx: Context) -> bool:
         return "chosen" in ctx.columns and "rejected" in ctx.columns
@@ -209,24 +283,31 @@ class Preference(Format):
         raise input_error(ctx.file, i, field, "must be a string, a message or a list of messages")
 
     def read_row(self, row, i, ctx):
-        answers = {slot: self.answer(row.get(slot), i, slot, ctx) for slot in ("chosen", "rejected")}
+        (chosen_prompt, chosen), (_, rejected) = (self.answer(row.get(k), i, k, ctx) for k in ("chosen", "rejected"))
         prompt_col = ctx.first(("prompt", "messages", "conversations"))
         if prompt_col is not None and isinstance(row.get(prompt_col), list):
             prompt = parse_messages(row[prompt_col], i, prompt_col, ctx)
         elif prompt_col is not None or ctx.first(PROMPT_COLUMNS):
             prompt = alpaca_prompt(row, i, ctx)
-        elif answers["chosen"][0] is not None:
-            prompt = answers["chosen"][0]  # TRL's implicit prompt: the conversation before the answer
+        elif chosen_prompt is not None:
+            prompt = chosen_prompt  # TRL's implicit prompt: the conversation before the answer
+        elif (dialogue := shared_dialogue(chosen, rejected)) is not None:
+            prompt, chosen, rejected = dialogue
         else:
-            raise GrapeError(f"{ctx.file}: no prompt column; expected prompt, messages, conversations or instruction")
-        for item, (slot, (_, text)) in enumerate(answers.items()):
+            raise GrapeError(
+                f"{ctx.file}: no prompt column; expected prompt, messages, conversations or instruction, chosen and "
+                "rejected as message lists, or dialogue transcripts (Human:/Assistant:) that share their prompt"
+            )
+        for item, (slot, text) in enumerate((("chosen", chosen), ("rejected", rejected))):
+            if not text.strip():
+                raise input_error(ctx.file, i, slot, "the answer after the shared prompt is empty")
             yield Draft(prompt, Candidate(text, slot, i, item=item))
 
     def selected(self, dataset, picks, ctx):
         from datasets import Dataset
 
         rows = [
-            {"messages": [*g.prompt, {"role": "assistant", "content": c.response}], "source": c.source}
+            {"messages": [*g.prompt, {"role": "assistant", "content": c.response}], ADDED_SOURCE: c.source}
             for g, c in sorted(picks, key=lambda p: p[1].origin)
         ]
         return Dataset.from_list(rows)
@@ -240,11 +321,15 @@ def grape_register_formats(register: Callable[[str, Format], None]) -> None:
 
 
 def detect_format(ctx: Context, formats: dict[str, Format]) -> Format:
-    """The format the user named, else the first registered one whose columns fit."""
+    """The format the user named (which must fit the columns), else the first registered one that fits."""
     if ctx.cfg.format != "auto":
-        if ctx.cfg.format not in formats:
-            raise GrapeError(f"format '{ctx.cfg.format}' is not registered; known: {', '.join(formats)}")
-        return formats[ctx.cfg.format]
+        fmt = formats.get(ctx.cfg.format)
+        if fmt is None:
+            raise GrapeError(f"--format {ctx.cfg.format} is not registered; known: {', '.join(formats)}")
+        if not fmt.detect(ctx):
+            raise GrapeError(f"{ctx.file}: --format {fmt.name} needs {fmt.needs}; the columns are "
+                             f"{', '.join(ctx.columns)}")  # fmt: skip
+        return fmt
     for fmt in formats.values():
         if fmt.detect(ctx):
             return fmt
@@ -264,27 +349,70 @@ class Input(NamedTuple):
     limit: Optional[int] = None  # read only the first N instructions of this part (a host's max_samples)
 
 
-def group_rows(inputs: Sequence[Input], min_candidates: int, limit: Optional[int] = None) -> Grouped:
-    """Turn the rows of every input into groups (candidates numbered by part): by the id column when present, else
-    by the exact prompt, across parts; ``limit`` keeps the first N instructions."""
-    drafts: dict[str, tuple[Group, list[Candidate]]] = {}
-    for part, (rows, fmt, ctx, part_limit) in enumerate(inputs):
-        id_col = ctx.first(("id",), ctx.cfg.id_column)
-        seen: set[str] = set()
+class Read(NamedTuple):
+    """One draft as read: its part, row, id (when the group_by column has one) and prompt key."""
+
+    part: int
+    row: int
+    draft: Draft
+    id: Optional[str]
+
+
+def id_column(ctx: Context) -> Optional[str]:
+    """The column ``group_by`` groups on: ``id`` (for ``auto``, when present), a named column, or none."""
+    by = ctx.cfg.group_by
+    if by == "prompt":
+        return None
+    return ctx.first(("id",)) if by == "auto" else ctx.first((), by, "--group-by")
+
+
+def read_drafts(inputs: Sequence[Input]) -> tuple[list[Read], Counter, list[str]]:
+    """Every draft of every input, with the skipped rows counted by reason (``on_bad_row: skip``) and the first
+    few named; a bad row otherwise stops the run with a message that names the option."""
+    reads: list[Read] = []
+    skipped: Counter = Counter()
+    examples: list[str] = []
+    for part, (rows, fmt, ctx, _) in enumerate(inputs):
+        id_col = id_column(ctx)
         for i, row in enumerate(rows):
-            for prompt, cand, context in fmt.read_row(row, i, ctx):
-                has_id = id_col is not None and row.get(id_col) is not None
-                key = str(row[id_col]) if has_id else prompt_key(prompt, context)
-                if part_limit is not None and key not in seen and len(seen) >= part_limit:
-                    continue
-                seen.add(key)
-                if key not in drafts:
-                    drafts[key] = (Group(key, tuple(prompt), row=i, context=context), [])
-                elif has_id and (drafts[key][0].prompt, drafts[key][0].context) != (tuple(prompt), context):
-                    first = drafts[key][0].row + 1
-                    raise input_error(ctx.file, i, id_col, f"id {key!r} was first seen at row {first} with a different prompt")
-                drafts[key][1].append(replace(cand, part=part))
-    return finish_groups([g.with_candidates(c) for g, c in list(drafts.values())[:limit]], min_candidates)
+            try:
+                drafts = list(fmt.read_row(row, i, ctx))
+            except RowError as exc:
+                if ctx.cfg.on_bad_row == "error":
+                    raise GrapeError(f"{exc}; {SKIP_HINT}") from None
+                skipped[exc.reason] += 1
+                examples += [str(exc)][: SKIP_EXAMPLES - len(examples)]
+                continue
+            row_id = None if id_col is None or row.get(id_col) is None else str(row[id_col])
+            reads += [Read(part, i, d, row_id) for d in drafts]
+    return reads, skipped, examples
+
+
+def group_rows(inputs: Sequence[Input], min_candidates: int, limit: Optional[int] = None) -> Grouped:
+    """Turn the rows of every input into groups, across parts (see the module's docstring); ``limit`` keeps the
+    first N instructions."""
+    reads, skipped, examples = read_drafts(inputs)
+    ids_per_row = Counter({(r.part, r.row): r.id for r in reads if r.id is not None}.values())
+    by_id = any(n > 1 for n in ids_per_row.values()) or any(i.context.cfg.group_by not in ("auto", "prompt")
+                                                            for i in inputs)  # fmt: skip
+    drafts: dict[str, tuple[Group, list[Candidate]]] = {}
+    seen: list[set[str]] = [set() for _ in inputs]
+    for part, i, (prompt, cand, context), row_id in reads:
+        key = row_id if by_id and row_id is not None else prompt_key(prompt, context)
+        part_limit = inputs[part].limit
+        if part_limit is not None and key not in seen[part] and len(seen[part]) >= part_limit:
+            continue
+        seen[part].add(key)
+        if key not in drafts:
+            drafts[key] = (Group(key, tuple(prompt), row=i, context=context), [])
+        elif key == row_id and (drafts[key][0].prompt, drafts[key][0].context) != (tuple(prompt), context):
+            ctx = inputs[part].context
+            first = drafts[key][0].row + 1
+            raise input_error(ctx.file, i, id_column(ctx), f"id {key!r} was first seen at row {first} with a "
+                                                           "different prompt; group by prompt with --group-by prompt")
+        drafts[key][1].append(replace(cand, part=part))
+    grouped = finish_groups([g.with_candidates(c) for g, c in list(drafts.values())[:limit]], min_candidates)
+    return replace(grouped, drops=grouped.drops + Drops.of(rows=skipped), skipped=tuple(examples))
 
 
 def finish_groups(groups: Iterable[Group], min_candidates: int) -> Grouped:

@@ -49,7 +49,7 @@ def read(path: str | Path, cfg: GrapeConfig, limit: Optional[int] = None) -> Fil
     from .datafiles import read_dataset
 
     path = Path(path)
-    dataset = read_dataset(path)
+    dataset = read_dataset(path, cfg.split)
     ctx = Context(str(path), list(dataset.column_names), cfg)
     fmt = detect_format(ctx, registry("formats"))
     return FileInput(path, dataset, fmt, ctx, group_rows([Input(dataset, fmt, ctx)], cfg.min_candidates, limit))
@@ -136,7 +136,8 @@ def run_groups(
     own_scorer = scorer is None
     scorer = scorer or make_scorer(cfg)
     try:
-        rendered = render_groups(grouped.groups, renderer or make_renderer(scorer, cfg), cfg.max_length,
+        max_length = cfg.max_length or scorer.context_length  # past the model's positions scores mean nothing
+        rendered = render_groups(grouped.groups, renderer or make_renderer(scorer, cfg), max_length,
                                  cfg.over_length, file)  # fmt: skip
         scored = score(rendered.groups, rendered.items, scorer, cfg)
         loaded = scorer.loaded
@@ -156,7 +157,7 @@ def run_groups(
         model_loaded=loaded,
         seconds=round(time.perf_counter() - started, 2),
     )
-    return Selection(rendered.groups, scored.scores, kept, drops, stats)
+    return Selection(rendered.groups, scored.scores, kept, drops, stats, grouped.skipped)
 
 
 def run(path: str | Path, cfg: GrapeConfig, limit: Optional[int] = None, **kwargs: Any) -> tuple[FileInput, Selection]:

@@ -81,20 +81,27 @@ class Score:
 
 @dataclass(frozen=True)
 class Drops:
-    """What was dropped, by reason: candidates and whole instructions, counted separately."""
+    """What was dropped, by reason: candidates, whole instructions, and input rows skipped (``on_bad_row: skip``)."""
 
     candidates: Mapping[str, int] = field(default_factory=dict)
     instructions: Mapping[str, int] = field(default_factory=dict)
+    rows: Mapping[str, int] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, candidates: Optional[Mapping[str, int]] = None, instructions: Optional[Mapping[str, int]] = None) -> "Drops":
+    def of(
+        cls,
+        candidates: Optional[Mapping[str, int]] = None,
+        instructions: Optional[Mapping[str, int]] = None,
+        rows: Optional[Mapping[str, int]] = None,
+    ) -> "Drops":
         """From counters; zero counts are left out."""
         keep = lambda c: {k: v for k, v in sorted((c or {}).items()) if v}  # noqa: E731
-        return cls(keep(candidates), keep(instructions))
+        return cls(keep(candidates), keep(instructions), keep(rows))
 
     def __add__(self, other: "Drops") -> "Drops":
-        return Drops.of(Counter(self.candidates) + Counter(other.candidates),
-                        Counter(self.instructions) + Counter(other.instructions))  # fmt: skip
+        add = lambda a, b: Counter(a) + Counter(b)  # noqa: E731
+        return Drops.of(add(self.candidates, other.candidates), add(self.instructions, other.instructions),
+                        add(self.rows, other.rows))  # fmt: skip
 
     @property
     def n_candidates(self) -> int:
@@ -105,7 +112,7 @@ class Drops:
         return sum(self.instructions.values())
 
     def as_dict(self) -> dict[str, dict[str, int]]:
-        return {"candidates": dict(self.candidates), "instructions": dict(self.instructions)}
+        return {"candidates": dict(self.candidates), "instructions": dict(self.instructions), "rows": dict(self.rows)}
 
 
 @dataclass(frozen=True)
@@ -114,6 +121,7 @@ class Grouped:
 
     groups: tuple[Group, ...]
     drops: Drops = Drops()
+    skipped: tuple[str, ...] = ()  # the first skipped rows' messages
 
 
 @dataclass(frozen=True)
@@ -143,6 +151,7 @@ class Selection:
     kept: Mapping[str, tuple[int, ...]]  # group key -> kept candidate indices, best first
     drops: Drops = Drops()
     stats: Stats = field(default_factory=Stats)
+    skipped: tuple[str, ...] = ()  # the first skipped rows' messages
 
     def picks(self) -> list[tuple[Group, Candidate]]:
         """Every kept (group, candidate), in the order of ``kept``."""

@@ -9,6 +9,12 @@ from typing import Any
 from .records import Selection
 
 
+NOTHING_COMPARED = (
+    "no instruction has two or more candidates, so nothing was compared and nothing was selected by fit; "
+    "if rows of one instruction carry different ids, group them by prompt (--group-by prompt)"
+)
+
+
 def best_gaps(selection: Selection) -> list[float]:
     """Per instruction with two or more scored candidates: best score minus second best."""
     gaps = []
@@ -21,16 +27,21 @@ def best_gaps(selection: Selection) -> list[float]:
 
 def summary(selection: Selection) -> dict[str, Any]:
     """Counts, drops by reason, wins per source and the spread of scores."""
+    compared = sum(len(g.candidates) > 1 for g in selection.groups)
     wins: Counter = Counter()
-    for _, cand in selection.picks():
-        wins[cand.source or "(none)"] += 1
+    if compared:
+        for _, cand in selection.picks():
+            wins[cand.source or "(none)"] += 1
     gaps = best_gaps(selection)
     scored = [s.mean for s in selection.scores.values()]
     return {
         **selection.stats.as_dict(),
         "instructions_kept": len(selection.kept),
         "candidates_kept": sum(len(v) for v in selection.kept.values()),
+        "instructions_compared": compared,
+        "note": None if compared else NOTHING_COMPARED,
         "dropped": selection.drops.as_dict(),
+        "skipped_rows": list(selection.skipped),
         "wins_per_source": dict(wins.most_common()),
         "score": {
             "min": min(scored, default=None),
@@ -68,7 +79,8 @@ def summary_text(selection: Selection) -> str:
         f"candidates: {info['candidates']} read, {info['candidates_kept']} kept"
         + (f" ({info['truncated']} truncated at max_length)" if info["truncated"] else ""),
         f"scored: {info['scored']} new, {info['cached']} from cache, {info['tokens_scored']} tokens in {info['seconds']} s",
-        "wins per source: " + (", ".join(f"{k} {v}" for k, v in info["wins_per_source"].items()) or "-"),
+        "wins per source: " + (", ".join(f"{k} {v}" for k, v in info["wins_per_source"].items()) or "-")
+        if info["instructions_compared"] else f"note: {NOTHING_COMPARED}",
     ]
     sc = info["score"]
     if sc["median"] is not None:
@@ -78,5 +90,7 @@ def summary_text(selection: Selection) -> str:
             + (f"; median gap best-second {gap:.4f}" if gap is not None else "")
         )
     for kind, counts in info["dropped"].items():
-        lines.append(f"dropped {kind}: " + (", ".join(f"{k} {v}" for k, v in counts.items()) or "none"))
+        if counts or kind != "rows":
+            lines.append(f"dropped {kind}: " + (", ".join(f"{k} {v}" for k, v in counts.items()) or "none"))
+    lines += [f"  skipped: {message}" for message in info["skipped_rows"]]
     return "\n".join(lines)

@@ -29,6 +29,7 @@ class Scorer(Protocol):
 
     tokenizer: Any
     identity: str  # changes whenever scores could change (weights, dtype)
+    context_length: Optional[int]  # the most positions the model takes (None: unknown)
     loaded: bool  # whether the weights are in memory
 
     def score(self, items: Sequence[Rendered], progress: Optional[Callable[[int], None]] = None) -> list[Score]: ...
@@ -95,7 +96,7 @@ class TransformersScorer:
         share_prefixes: bool = True,
         max_padding: float = MAX_PADDING,
     ):
-        self.spec, self.tokenizer, self.identity = spec, spec.tokenizer, spec.identity
+        self.spec, self.tokenizer, self.identity, self.context_length = spec, spec.tokenizer, spec.identity, spec.context_length
         self.batch_tokens = batch_tokens
         self.max_padding = max_padding
         self.pack_option = pack

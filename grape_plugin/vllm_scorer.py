@@ -33,6 +33,7 @@ class VLLMScorer:
             self.name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code
         )
         self.identity = f"vllm:{self.name}@{cfg.revision or 'main'}|{self.dtype}"
+        self.context_length = getattr(self.tokenizer, "model_max_length", None)
         self.llm: Any = None
 
     @property

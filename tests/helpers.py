@@ -31,7 +31,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> Path:
     return path
 
 
-def build_tiny_model(out: Path, with_chat_template: bool = True) -> Path:
+def build_tiny_model(out: Path, with_chat_template: bool = True, max_positions: int = 4096) -> Path:
     """A 2-layer Llama (random weights, fixed seed) and a byte-level BPE trained on pool text, saved to ``out``."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -51,7 +51,7 @@ def build_tiny_model(out: Path, with_chat_template: bool = True) -> Path:
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
         bos_token_id=fast.bos_token_id, eos_token_id=fast.eos_token_id, tie_word_embeddings=False,
     )
     LlamaForCausalLM(config).save_pretrained(out)

@@ -78,5 +78,5 @@ def test_truncated_candidates_are_kept_not_dropped(tmp_path, tiny_model):
     cfg = GrapeConfig(model=str(tiny_model), cache_dir=None, max_length=64, over_length="truncate")
     selection = run_groups(data.grouped, cfg)
     assert selection.stats.truncated == 1 and selection.drops.as_dict() == {
-        "candidates": {"not_selected": 1}, "instructions": {}}
+        "candidates": {"not_selected": 1}, "instructions": {}, "rows": {}}
     assert len(selection.groups[0].candidates) == 2

@@ -23,7 +23,7 @@ def test_shared_pool_needs_no_flags():
     assert [c.source for c in first.candidates][:2] == ["gpt-4o-2024-05-13", "Meta-Llama-3.1-405B-Instruct-Turbo"]
     n_candidates = sum(len(g.candidates) for g in data.groups)
     # the README of the shared data: 20 answers duplicate another model's answer to the same instruction
-    assert data.grouped.drops.as_dict() == {"candidates": {"duplicate_response": 20}, "instructions": {}}
+    assert data.grouped.drops.as_dict() == {"candidates": {"duplicate_response": 20}, "instructions": {}, "rows": {}}
     assert n_candidates == 6440 - 20
     assert all(c.index == i for g in data.groups for i, c in enumerate(g.candidates))
 
@@ -92,7 +92,7 @@ def test_min_candidates_drops_and_counts(tmp_path):
             {"id": "b", "instruction": "y", "output": "3"}]
     data = read(write_jsonl(tmp_path / "m.jsonl", rows), GrapeConfig(cache_dir=None, min_candidates=2))
     assert [g.key for g in data.groups] == ["a"]
-    assert data.grouped.drops.as_dict() == {"candidates": {"too_few_candidates": 1}, "instructions": {"too_few_candidates": 1}}
+    assert data.grouped.drops.as_dict() == {"candidates": {"too_few_candidates": 1}, "instructions": {"too_few_candidates": 1}, "rows": {}}
 
 
 def test_parquet_csv_and_saved_dataset(tmp_path):
@@ -145,8 +145,8 @@ def test_missing_and_empty_files(tmp_path):
 
 def test_named_columns_override_detection(tmp_path):
     rows = [{"instruction": "x", "reply": "a", "who": "m1", "qid": "q"}, {"instruction": "x", "reply": "b", "who": "m2", "qid": "q"}]
-    cfg = GrapeConfig(cache_dir=None, response_column="reply", source_column="who", id_column="qid")
+    cfg = GrapeConfig(cache_dir=None, response_column="reply", source_column="who", group_by="qid")
     (group,) = read(write_jsonl(tmp_path / "c.jsonl", rows), cfg).groups
     assert group.key == "q" and [c.source for c in group.candidates] == ["m1", "m2"]
-    with pytest.raises(GrapeError, match="column 'nope' not found"):
+    with pytest.raises(GrapeError, match="--response-column nope: no such column; its columns are instruction, reply"):
         read(Path(tmp_path / "c.jsonl"), GrapeConfig(cache_dir=None, response_column="nope"))

@@ -45,7 +45,7 @@ def test_budget_keeps_best_fitting_instructions_and_counts_the_rest():
     groups, scores = make([[-2.0, -1.5], [-0.2, -3.0], [-1.0, -4.0]])
     kept, drops = select(groups, scores, cfg(budget=2))
     assert kept == {"g1": (0,), "g2": (0,)}
-    assert drops.as_dict() == {"candidates": {"not_selected": 3, "over_budget": 1}, "instructions": {"over_budget": 1}}
+    assert drops.as_dict() == {"candidates": {"not_selected": 3, "over_budget": 1}, "instructions": {"over_budget": 1}, "rows": {}}
     assert set(select(groups, scores, cfg(budget_fraction=1 / 3))[0]) == {"g1"}
 
 
