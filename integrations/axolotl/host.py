@@ -8,25 +8,24 @@ adapters and attention settings). The kept rows are written, in each entry's own
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from grape_plugin.config import GrapeConfig, host_config
 from grape_plugin.errors import GrapeError
-from grape_plugin.formats import Context, Format, Input, detect_format, group_rows
+from grape_plugin.formats import Input, group_rows
 from grape_plugin.host import Host, prepare
 from grape_plugin.models import ModelSpec, weights_identity
-from grape_plugin.plugins import registry
-from grape_plugin.records import Candidate, Group, Grouped, Selection
+from grape_plugin.records import Grouped, Selection
 from grape_plugin.render import Renderer
-from grape_plugin.scoring import Scorer
+from grape_plugin.scoring import Scorer, TransformersScorer
 
 from .args import HINTS
+from .compat import DictDefault, ModelLoader, init_distributed_state, load_tokenizer, scoring_cfg
+from .entries import load_entries
 from .render import train_renderer
 
 # Axolotl's logging config shows INFO only for loggers named axolotl.*
@@ -45,7 +44,6 @@ MODEL_KEYS = (
     "sdp_attention", "xformers_attention", "eager_attention", "attn_implementation", "overrides_of_model_config",
     "overrides_of_model_kwargs", "model_config_type", "type_of_model",
 )  # fmt: skip
-UNSUPPORTED_ENTRY_KEYS = ("shards", "preprocess_shards")
 # entry keys that say where the original rows come from; the rewritten entry points at the selection instead
 SOURCE_KEYS = ("path", "ds_type", "data_files", "split", "name", "revision", "weight")
 
@@ -62,53 +60,6 @@ def grape_config(cfg: Any) -> GrapeConfig:
     return host_config(cfg.grape, defaults, "grape", HINTS)
 
 
-@dataclass(frozen=True)
-class Entry:
-    """One ``datasets:`` entry: its config, its rows as Axolotl loads them, and how they read as candidates."""
-
-    config: Any
-    rows: Any
-    format: Format
-    context: Context
-    digest: str
-
-    def training_row(self, group: Group, cand: Candidate) -> dict:
-        """The row written, and so trained on, for ``cand``."""
-        return self.format.selected(self.rows, [(group, cand)], self.context)[0]
-
-
-def row_digest(rows: Any) -> str:
-    digest = hashlib.sha256()
-    for row in rows:
-        digest.update(json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode() + b"\n")
-    return digest.hexdigest()
-
-
-def load_entries(cfg: Any, gcfg: GrapeConfig) -> list[Entry]:
-    """Every ``datasets:`` entry's rows, exactly as Axolotl loads them (same features, same None-filling)."""
-    from axolotl.utils.data.shared import load_dataset_with_config
-    from datasets import DatasetDict, IterableDatasetDict
-
-    formats = registry("formats")
-    entries = []
-    for i, entry_cfg in enumerate(cfg.datasets):
-        where = f"datasets[{i}] ({entry_cfg.path})"
-        for key in UNSUPPORTED_ENTRY_KEYS:
-            if entry_cfg.get(key):
-                raise GrapeError(f"{where}: {key}: is not supported with grape: (the selection needs whole groups)")
-        if isinstance(entry_cfg.name, list):
-            raise GrapeError(f"{where}: a list of name: configs is not supported with grape:; use one entry each")
-        rows = load_dataset_with_config(entry_cfg, cfg.hf_use_auth_token, streaming=False)
-        if isinstance(rows, (DatasetDict, IterableDatasetDict)):
-            split = entry_cfg.split if entry_cfg.split in rows else "train"
-            if split not in rows:
-                raise GrapeError(f"{where}: no '{split}' split; name one with split:")
-            rows = rows[split]
-        ctx = Context(where, list(rows.column_names), gcfg)
-        entries.append(Entry(entry_cfg, rows, detect_format(ctx, formats), ctx, row_digest(rows)))
-    return entries
-
-
 class AxolotlHost(Host):
     """The GRAPE host contract for one Axolotl run (see ``grape_plugin.host``)."""
 
@@ -118,10 +69,6 @@ class AxolotlHost(Host):
         self.where = ", ".join(e.context.file for e in self.entries)
 
     def scorer(self) -> Scorer:
-        from axolotl.loaders import ModelLoader, load_tokenizer
-
-        from grape_plugin.scoring import TransformersScorer
-
         cfg = self.cfg
         tokenizer = load_tokenizer(cfg)
         weights = [weights_identity(str(cfg.base_model), cfg.revision_of_model)]
@@ -130,7 +77,7 @@ class AxolotlHost(Host):
         identity = "axolotl|" + "|".join(weights) + "|" + json.dumps({k: str(cfg.get(k)) for k in MODEL_KEYS})
 
         def load() -> Any:
-            model, _ = ModelLoader(cfg, tokenizer, inference=True).load()
+            model, _ = ModelLoader(scoring_cfg(cfg), tokenizer, inference=True).load()
             return model.eval().requires_grad_(False)
 
         spec = ModelSpec(str(cfg.base_model), tokenizer, identity, load)
@@ -162,7 +109,7 @@ class AxolotlHost(Host):
         for part, entry in enumerate(self.entries):
             picks = [(g, c) for g, c in selection.picks() if c.part == part]
             if picks:
-                rows = entry.format.selected(entry.rows, picks, entry.context)
+                rows = entry.training_rows(picks)
                 rows.to_json(str(folder / f"selected_{part}.jsonl"), lines=True, force_ascii=False)
 
     def is_writer(self) -> bool:
@@ -186,15 +133,11 @@ def init_process_group() -> None:
     import torch.distributed as dist
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        from axolotl.utils.distributed import init_distributed_state
-
         init_distributed_state()
 
 
 def repoint(entry_cfg: Any, path: Path) -> Any:
     """The entry with its source replaced by the selected JSONL; type, roles and field mappings stay."""
-    from axolotl.utils.dict import DictDefault
-
     kept = {k: v for k, v in entry_cfg.items() if k not in SOURCE_KEYS}
     return DictDefault({**kept, "path": str(path.resolve()), "ds_type": "json"})
 
@@ -205,6 +148,7 @@ def select_datasets(cfg: Any, prepared_default: str) -> None:
     check_run(cfg)
     init_process_group()
     prepared = prepare(AxolotlHost(cfg, gcfg, prepared_default), gcfg)
+    LOG.info("GRAPE: %s %s", "reusing the selection in" if prepared.reused else "selection written to", prepared.folder)
     files = [(i, prepared.folder / f"selected_{i}.jsonl") for i in range(len(cfg.datasets))]
     cfg.datasets = [repoint(cfg.datasets[i], path) for i, path in files if path.is_file()]
     LOG.info("GRAPE selection (%s):\n%s", prepared.folder, prepared.manifest["summary"])

@@ -8,21 +8,18 @@ exactly the span Axolotl puts in the labels (for chat templates that includes th
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 from grape_plugin.errors import GrapeError
 from grape_plugin.records import Candidate, Group
 from grape_plugin.render import Rendered, Renderer, labelled_span
 
-if TYPE_CHECKING:
-    from .host import Entry
+from .compat import TokenizedPromptDataset, get_dataset_wrapper
+from .entries import Entry
 
 
-def entry_strategy(cfg: Any, tokenizer: Any, entry: "Entry") -> Any:
+def entry_strategy(cfg: Any, tokenizer: Any, entry: Entry) -> Any:
     """The prompt-tokenising strategy Axolotl builds for one ``datasets:`` entry, with prompt labels off."""
-    from axolotl.datasets import TokenizedPromptDataset
-    from axolotl.utils.data.wrappers import get_dataset_wrapper
-
     entry_cfg = entry.config
     base, _, style = str(entry_cfg.type).partition(":") if isinstance(entry_cfg.type, str) else (None, "", "")
     wrapped, _ = get_dataset_wrapper(
@@ -46,7 +43,7 @@ def entry_strategy(cfg: Any, tokenizer: Any, entry: "Entry") -> Any:
     return strategy
 
 
-def train_renderer(cfg: Any, tokenizer: Any, entries: Sequence["Entry"]) -> Renderer:
+def train_renderer(cfg: Any, tokenizer: Any, entries: Sequence[Entry]) -> Renderer:
     """Render a candidate as its entry's strategy tokenises the row written for it."""
     strategies = [entry_strategy(cfg, tokenizer, e) for e in entries]
 
