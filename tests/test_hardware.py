@@ -1,10 +1,12 @@
-"""Native bf16 on the CPU: detected from /proc/cpuinfo, warned about when missing."""
+"""Native bf16 on the CPU: detected from /proc/cpuinfo, warned about when missing, skipped by the CPU benchmark."""
 
 from __future__ import annotations
 
 import logging
+import sys
 
 import torch
+from conftest import ROOT
 
 from grape_plugin import hardware
 from grape_plugin.hardware import native_bf16_cpu, warn_if_slow_bf16
@@ -35,3 +37,16 @@ def test_bf16_on_a_cpu_without_it_warns(monkeypatch, caplog):
     monkeypatch.setattr(hardware, "native_bf16_cpu", lambda: True)
     assert not warn_if_slow_bf16("cpu", "bf16")
 
+
+def test_the_cpu_benchmark_skips_bf16_without_native_bf16(tiny_model, monkeypatch, capsys):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_scoring
+
+    monkeypatch.setattr(bench_scoring, "native_bf16_cpu", lambda: False)
+    bench_scoring.main(["--model", str(tiny_model), "--instructions", "1", "--repeats", "1", "--batch-tokens", "1024",
+                        "--max-length", "1024"])  # the tiny BPE makes long prompts: the prefix cap is 2 x this
+    out = capsys.readouterr().out
+    assert "no native bf16" in out and "ours bf16" not in out and "bf16 --batch-tokens" not in out
+    last = dict(kv.split("=") for kv in out.strip().splitlines()[-1].split())
+    assert last["bf16_speedup"] == last["bf16_agreement"] == "skipped"
+    assert float(last["fp32_speedup"]) > 0 and float(last["max_abs_diff"]) < 1e-4
