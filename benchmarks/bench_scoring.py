@@ -10,6 +10,8 @@ Methods:
   naive   one pair at a time, full-vocabulary logits for every position, fp32 (what peers do);
   padded  plain padded batches with full logits, fp32;
   ours    grape-plugin's scorer (response-only LM head, shared prefixes, token-budget batches), fp32 and bf16.
+The bf16 rows are skipped on a CPU without native bf16 (no AVX512-BF16 or AMX), where bf16 runs several times
+slower than fp32; --force-bf16 times them anyway.
 Every method counts the same prompt+response tokens per pair. Each figure is the median of --repeats runs; the
 score cache is not involved. The last line is machine-readable.
 """
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from grape_plugin.hardware import native_bf16_cpu
 from grape_plugin.models import export_model, load_model
 from grape_plugin.render import Rendered, fit_length, paper_renderer
 from grape_plugin.scoring import Score, TransformersScorer, shared_prefixes
@@ -34,9 +37,9 @@ from grape_plugin.scoring import Score, TransformersScorer, shared_prefixes
 POOL = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_eval_pool.jsonl"
 
 
-def load_groups(n: int) -> list[list[dict]]:
+def load_groups(n: int, pool: Path = POOL) -> list[list[dict]]:
     groups: dict[str, list[dict]] = {}
-    with open(POOL, encoding="utf-8") as fh:
+    with open(pool, encoding="utf-8") as fh:
         for line in fh:
             row = json.loads(line)
             groups.setdefault(row["id"], []).append(row)
@@ -45,10 +48,10 @@ def load_groups(n: int) -> list[list[dict]]:
     return list(groups.values())
 
 
-def workloads(tokenizer, n: int, max_length: int) -> dict[str, list[list[Rendered]]]:
-    """Rendered candidates per instruction for both workloads."""
+def workloads(tokenizer, n: int, max_length: int, pool: Path = POOL) -> dict[str, list[list[Rendered]]]:
+    """Rendered candidates per instruction for both workloads (``pool`` needs ``n + 3`` instructions)."""
     render = paper_renderer(tokenizer)
-    groups = load_groups(n)
+    groups = load_groups(n, pool)
     pool = [[fit_length(render([{"role": "user", "content": r["instruction"]}], r["output"]), max_length, "truncate")
              for r in g] for g in groups[:n]]
     prefix = []
@@ -64,18 +67,21 @@ def workloads(tokenizer, n: int, max_length: int) -> dict[str, list[list[Rendere
 
 
 def full_logit_scores(model, batch: list[Rendered]) -> list[Score]:
-    """Full logits for every position of a padded batch, fp32 log-softmax over the whole vocabulary."""
+    """Full logits for every position of a padded batch, fp32 log-softmax over the whole vocabulary (the
+    matmuls in the model's own dtype, on its device)."""
     width = max(len(r.input_ids) for r in batch)
     ids = torch.zeros((len(batch), width), dtype=torch.long)
     mask = torch.zeros_like(ids)
     for b, r in enumerate(batch):
         ids[b, : len(r.input_ids)] = torch.tensor(r.input_ids)
         mask[b, : len(r.input_ids)] = 1
+    ids, mask = ids.to(model.device), mask.to(model.device)
     with torch.inference_mode():
         lp = model(input_ids=ids, attention_mask=mask if len(batch) > 1 else None).logits.float().log_softmax(-1)
     out = []
     for b, r in enumerate(batch):
-        picked = lp[b, torch.arange(r.start - 1, r.end - 1), torch.tensor(r.input_ids[r.start : r.end])]
+        at = torch.arange(r.start - 1, r.end - 1, device=lp.device)
+        picked = lp[b, at, torch.tensor(r.input_ids[r.start : r.end], device=lp.device)]
         out.append(Score(float(picked.double().sum()), r.n_tokens))
     return out
 
@@ -134,23 +140,28 @@ def our_peak_rss(args: argparse.Namespace, dtype: str, batch_tokens: int) -> int
     return int(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()[-1])
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="folder or .gguf (default: the embedded SmolLM2, exported to a folder)")
     ap.add_argument("--instructions", type=int, default=10)
     ap.add_argument("--max-length", type=int, default=256, help="pool pairs are truncated to this many tokens")
     ap.add_argument("--batch-tokens", type=int, default=4096)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--force-bf16", action="store_true", help="time bf16 even on a CPU without native bf16")
     ap.add_argument("--probe-memory", choices=["fp32", "bf16"], help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.probe_memory:
         return probe_memory(args)
     if args.model is None or args.model.endswith(".gguf"):
         # base models ship as safetensors folders; GGUF dequantisation alone would dominate load time and memory
         args.model = str(export_model(args.model, tempfile.mkdtemp(prefix="grape-bench-")))
 
-    fp32 = load_model(args.model, device="cpu", dtype="fp32")
-    bf16 = load_model(args.model, device="cpu", dtype="bf16")
+    dtypes = ("fp32", "bf16") if args.force_bf16 or native_bf16_cpu() else ("fp32",)
+    if "bf16" not in dtypes:
+        print("this CPU has no native bf16 (no AVX512-BF16 or AMX): bf16 would run slower than fp32 here, "
+              "so its rows are skipped (--force-bf16 times them anyway)")
+    loaded = {dtype: load_model(args.model, device="cpu", dtype=dtype) for dtype in dtypes}
+    fp32 = loaded["fp32"]
     weights = sum(p.numel() * p.element_size() for p in fp32.model.parameters())
     work = workloads(fp32.tokenizer, args.instructions, args.max_length)
     print(f"model {fp32.name}: {weights / 2**30:.2f} GiB fp32 weights; torch threads {torch.get_num_threads()}")
@@ -162,8 +173,9 @@ def main() -> None:
               f"{sum(len(r.input_ids) for r in items)} tokens, prompt {prompt_share:.0%} of tokens")
         base = measure(lambda xs: naive(fp32.model, xs), items, args.repeats)
         rows = {"naive fp32": base, "padded fp32": measure(lambda xs: padded(fp32.model, xs), items, args.repeats)}
-        for label, loaded in (("ours fp32", fp32), ("ours bf16", bf16)):
-            scorer = TransformersScorer(loaded, batch_tokens=args.batch_tokens)
+        for dtype, model in loaded.items():
+            label = f"ours {dtype}"
+            scorer = TransformersScorer(model, batch_tokens=args.batch_tokens)
             rows[label] = measure(scorer.score, items, args.repeats)
             rows[label]["waste"] = scorer.positions_run / args.repeats / necessary_positions(items)
         want = winners(groups, base["scores"])
@@ -179,15 +191,18 @@ def main() -> None:
     ours = [r for w in results.values() for k, r in w.items() if k.startswith("ours")]
     print("\ngrape-plugin alone (a fresh process: one model, both workloads), peak RSS:")
     peak = 0
-    for dtype in ("fp32", "bf16"):
+    for dtype in dtypes:
         for batch_tokens in (args.batch_tokens, 4 * args.batch_tokens):
             rss = our_peak_rss(args, dtype, batch_tokens)
             peak = max(peak, rss)
             print(f"  {dtype} --batch-tokens {batch_tokens:6d}: {rss / 2**30:.2f} GiB")
     print(f"weights {weights / 2**30:.2f} GiB; targets: fp32 >= 1.0 (diff <= 1e-4, same winners), bf16 >= 2.0 "
           f"(>= 98% agreement), prefix >= 2.5, peak RSS <= weights + 1 GiB, waste <= 1.05")
-    print(f"fp32_speedup={pool['ours fp32']['ratio']:.2f} bf16_speedup={pool['ours bf16']['ratio']:.2f} "
-          f"bf16_agreement={pool['ours bf16']['agree']:.3f} prefix_speedup={pre['ours fp32']['ratio']:.2f} "
+    bf16 = pool.get("ours bf16")
+    print(f"fp32_speedup={pool['ours fp32']['ratio']:.2f} "
+          f"bf16_speedup={format(bf16['ratio'], '.2f') if bf16 else 'skipped'} "
+          f"bf16_agreement={format(bf16['agree'], '.3f') if bf16 else 'skipped'} "
+          f"prefix_speedup={pre['ours fp32']['ratio']:.2f} "
           f"peak_rss_gib={peak / 2**30:.2f} waste={max(r['waste'] for r in ours):.3f} "
           f"max_abs_diff={max(pool['ours fp32']['diff'], pre['ours fp32']['diff']):.1e}")
 
