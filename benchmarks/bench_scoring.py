@@ -31,7 +31,7 @@ import torch
 
 from grape_plugin.hardware import native_bf16_cpu
 from grape_plugin.models import export_model, load_model
-from grape_plugin.render import Rendered, fit_length, paper_renderer
+from grape_plugin.render import Rendered, fit_length, paper_renderer, render_one
 from grape_plugin.scoring import Score, TransformersScorer, shared_prefixes
 
 POOL = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_eval_pool.jsonl"
@@ -52,7 +52,7 @@ def workloads(tokenizer, n: int, max_length: int, pool: Path = POOL) -> dict[str
     """Rendered candidates per instruction for both workloads (``pool`` needs ``n + 3`` instructions)."""
     render = paper_renderer(tokenizer)
     groups = load_groups(n, pool)
-    pool = [[fit_length(render([{"role": "user", "content": r["instruction"]}], r["output"]), max_length, "truncate")
+    pool = [[fit_length(render_one(render, [{"role": "user", "content": r["instruction"]}], r["output"]), max_length, "truncate")
              for r in g] for g in groups[:n]]
     prefix = []
     for i, g in enumerate(groups[3 : n + 3]):
@@ -61,7 +61,7 @@ def workloads(tokenizer, n: int, max_length: int, pool: Path = POOL) -> dict[str
             turns += [{"role": "user", "content": earlier[0]["instruction"]},
                       {"role": "assistant", "content": earlier[0]["output"][:400]}]
         prompt = turns + [{"role": "user", "content": g[0]["instruction"]}]
-        items = [render(prompt, r["output"][:300]) for r in g]
+        items = [render_one(render, prompt, r["output"][:300]) for r in g]
         prefix.append([Rendered(it.input_ids[: max_length * 2], it.start, min(it.end, max_length * 2)) for it in items])
     return {"pool": pool, "prefix": prefix}
 
@@ -126,7 +126,7 @@ def probe_memory(args: argparse.Namespace) -> None:
     """Child process: only our scorer and its model, both workloads; prints the peak RSS in bytes."""
     loaded = load_model(args.model, device="cpu", dtype=args.probe_memory)
     for groups in workloads(loaded.tokenizer, args.instructions, args.max_length).values():
-        TransformersScorer(loaded, batch_tokens=args.batch_tokens).score([r for g in groups for r in g])
+        TransformersScorer(loaded.as_spec(), batch_tokens=args.batch_tokens).score([r for g in groups for r in g])
     # VmHWM restarts at exec; ru_maxrss would carry the parent's peak over into this child
     with open("/proc/self/status") as fh:
         print(next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:")))
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> None:
         rows = {"naive fp32": base, "padded fp32": measure(lambda xs: padded(fp32.model, xs), items, args.repeats)}
         for dtype, model in loaded.items():
             label = f"ours {dtype}"
-            scorer = TransformersScorer(model, batch_tokens=args.batch_tokens)
+            scorer = TransformersScorer(model.as_spec(), batch_tokens=args.batch_tokens)
             rows[label] = measure(scorer.score, items, args.repeats)
             rows[label]["waste"] = scorer.positions_run / args.repeats / necessary_positions(items)
         want = winners(groups, base["scores"])

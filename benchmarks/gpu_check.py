@@ -98,7 +98,7 @@ def load(folder: str, device: str, dtype: str) -> tuple[Any, Any]:
 def make_scorer(model: Any, tokenizer: Any, batch_tokens: int, **options: Any) -> TransformersScorer:
     """grape-plugin's scorer over a model already in memory (``options``: pack, max_padding)."""
     loaded = LoadedModel(model, tokenizer, f"gpu-check|{model.dtype}", type(model).__name__)
-    return TransformersScorer(loaded, batch_tokens=batch_tokens, **options)
+    return TransformersScorer(loaded.as_spec(), batch_tokens=batch_tokens, **options)
 
 
 def random_llama(dims: dict, device: str, dtype: torch.dtype) -> Any:

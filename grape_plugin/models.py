@@ -110,8 +110,11 @@ def model_spec(
     """Resolve a model and load its tokenizer and config; the weights load only when ``load()`` is called."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from .hardware import warn_if_slow_bf16
+
     name = resolve_model(name)
     device = pick_device(device)
+    warn_if_slow_bf16(device, dtype)
     kwargs: dict[str, Any] = {"revision": revision, "trust_remote_code": trust_remote_code}
     model_kwargs: dict[str, Any] = {"dtype": torch_dtype(dtype, device)}
     if device.startswith("cuda"):

@@ -115,6 +115,12 @@ def fit_length(item: Rendered, max_length: Optional[int], policy: str) -> Option
     return None
 
 
+def render_one(render: Renderer, prompt: Iterable[Message], response: str) -> Rendered:
+    """``render`` applied to one prompt and one response, outside any dataset (benchmarks, notebooks)."""
+    cand = Candidate(response, None, 0)
+    return render(Group("", tuple(prompt), (cand,)), cand)
+
+
 @dataclass(frozen=True)
 class RenderedGroups:
     """Groups with only the candidates that fit ``max_length``, their token ids and spans, and what was dropped."""

@@ -82,6 +82,6 @@ def build_tiny_smollm2(out: Path) -> Path:
 
 def render_pair(render, prompt: list[dict], response: str):
     """``render`` applied to one instruction with one candidate."""
-    from grape_plugin import Candidate, Group
+    from grape_plugin.render import render_one
 
-    return render(Group("k", tuple(prompt), (Candidate(response, None, 0),)), Candidate(response, None, 0))
+    return render_one(render, prompt, response)

@@ -6,7 +6,7 @@ import json
 import sys
 
 import torch
-from conftest import ROOT
+from tests.helpers import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_check  # noqa: E402

@@ -6,7 +6,7 @@ import logging
 import sys
 
 import torch
-from conftest import ROOT
+from tests.helpers import ROOT
 
 from grape_plugin import hardware
 from grape_plugin.hardware import native_bf16_cpu, warn_if_slow_bf16
@@ -36,6 +36,15 @@ def test_bf16_on_a_cpu_without_it_warns(monkeypatch, caplog):
     assert len(caplog.records) == 2 and "slower than fp32" in caplog.records[0].getMessage()
     monkeypatch.setattr(hardware, "native_bf16_cpu", lambda: True)
     assert not warn_if_slow_bf16("cpu", "bf16")
+
+
+def test_loading_a_model_in_bf16_on_such_a_cpu_warns(tiny_model, monkeypatch, caplog):
+    from grape_plugin.models import model_spec
+
+    monkeypatch.setattr(hardware, "native_bf16_cpu", lambda: False)
+    with caplog.at_level(logging.WARNING, logger="grape_plugin.hardware"):
+        model_spec(str(tiny_model), device="cpu", dtype="bf16")
+    assert any("slower than fp32" in r.getMessage() for r in caplog.records)
 
 
 def test_the_cpu_benchmark_skips_bf16_without_native_bf16(tiny_model, monkeypatch, capsys):
