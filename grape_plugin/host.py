@@ -65,15 +65,16 @@ class Host(Protocol):
 
 @dataclass(frozen=True)
 class Prepared:
-    """A selection folder on disk, whether it was reused, and its manifest (key and summary)."""
+    """A selection folder on disk, whether it was reused, and its manifest (key, summary, report and what the key
+    covers)."""
 
     folder: Path
     reused: bool
     manifest: Mapping[str, Any]
 
 
-def selection_key(cfg: GrapeConfig, identity: str, parts: Mapping[str, Any]) -> str:
-    """Changes whenever the selection could: options, model identity, data and the host's settings."""
+def key_inputs(cfg: GrapeConfig, identity: str, parts: Mapping[str, Any]) -> dict[str, Any]:
+    """Everything the selection depends on: options, model identity, the host's data and settings."""
     payload = {
         "layout": LAYOUT,
         "grape_plugin": __version__,
@@ -81,8 +82,12 @@ def selection_key(cfg: GrapeConfig, identity: str, parts: Mapping[str, Any]) -> 
         "model": identity,
         "host": parts,
     }
-    text = json.dumps(payload, sort_keys=True, ensure_ascii=False, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return json.loads(json.dumps(payload, sort_keys=True, ensure_ascii=False, default=str))
+
+
+def selection_key(inputs: Mapping[str, Any]) -> str:
+    """A short hash of ``key_inputs``: it changes whenever the selection could."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 def prepare(host: Host, cfg: GrapeConfig) -> Prepared:
@@ -92,7 +97,8 @@ def prepare(host: Host, cfg: GrapeConfig) -> Prepared:
     from .report import summary, summary_text
 
     scorer = host.scorer()
-    key = selection_key(cfg, scorer.identity, host.key_parts())
+    inputs = key_inputs(cfg, scorer.identity, host.key_parts())
+    key = selection_key(inputs)
     folder = host.folder(key)
     manifest = folder / MANIFEST
     if on_all_ranks(manifest.is_file()):
@@ -106,7 +112,7 @@ def prepare(host: Host, cfg: GrapeConfig) -> Prepared:
         scorer.close()  # before the host loads the model it trains
     if not selection.kept:
         raise GrapeError(f"{host.where}: nothing was selected\n{summary_text(selection)}")
-    info = {"key": key, "summary": summary_text(selection), "report": summary(selection)}
+    info = {"key": key, "summary": summary_text(selection), "report": summary(selection), "inputs": inputs}
 
     def fill(staging: Path) -> None:
         host.write(selection, staging)

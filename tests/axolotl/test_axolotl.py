@@ -53,7 +53,8 @@ BASE_CFG = {
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
-    """Model + pooled data: 4 instructions x 8 generators, as one alpaca file per 4 generators, and as chat rows."""
+    """Model + pooled data: 4 instructions x 8 generators, as one alpaca file per 4 generators, and as chat rows
+    with per-row ids."""
     work = tmp_path_factory.mktemp("axolotl")
     build_tiny_smollm2(work / "tiny")
     rows = pool_rows(4)
@@ -61,10 +62,10 @@ def work(tmp_path_factory) -> Path:
     alpaca = [{k: r[k] for k in ("instruction", "output", "generator")} for r in rows]  # no id: grouped by prompt
     write_jsonl(work / "gen_a.jsonl", [r for r in alpaca if r["generator"] in generators[:4]])
     write_jsonl(work / "gen_b.jsonl", [r for r in alpaca if r["generator"] in generators[4:]])
-    chat = [
-        {"id": r["id"], "generator": r["generator"], "messages": [
+    chat = [  # Tulu-3 style: every row its own id, so rows group by prompt
+        {"id": f"ai2-adapt-dev/pool_{n}", "source": r["generator"], "messages": [
             {"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]}
-        for r in rows
+        for n, r in enumerate(rows)
     ]  # fmt: skip
     write_jsonl(work / "chat.jsonl", chat)
     return work
@@ -182,7 +183,8 @@ def test_preprocess_trains_on_exactly_the_directly_scored_picks(alpaca_run: Path
     (folder,) = selection_folders(alpaca_run, "prepared")
     report = json.loads((folder / "report.json").read_text())
     assert report["candidates_kept"] == 4 and report["instructions_kept"] == 4
-    assert report["dropped"]["candidate:too_long"] == 3  # 3 answers exceed sequence_len: never picked silently
+    assert report["dropped"]["candidates"]["too_long"] == 3  # 3 answers exceed sequence_len: never picked silently
+    assert report["model_loaded"] is True
     assert sum(report["wins_per_source"].values()) == 4
     scores = [json.loads(line) for line in (folder / "scores.jsonl").read_text().splitlines()]
     assert sum(s["selected"] for s in scores) == 4
@@ -197,9 +199,12 @@ def test_train_reuses_the_selection_and_trains(alpaca_run: Path) -> None:
     assert len(selection_folders(alpaca_run, "prepared")) == 1
 
 
-def test_changed_block_reselects(alpaca_run: Path) -> None:
+def test_changed_block_reselects_from_cached_scores(alpaca_run: Path) -> None:
     axolotl(alpaca_run, "preprocess", str(alpaca_cfg(alpaca_run, "alpaca_top2.yml", "prepared", {"top_k": 2})))
-    assert len(selection_folders(alpaca_run, "prepared")) == 2
+    folders = selection_folders(alpaca_run, "prepared")
+    assert len(folders) == 2
+    report = json.loads((max(folders, key=os.path.getmtime) / "report.json").read_text())
+    assert report["scored"] == 0 and report["model_loaded"] is False  # every score came from the cache
     folders = prepared_folders(alpaca_run, "prepared")
     assert len(folders) == 2  # a new selected file, so Axolotl prepared it afresh
     newest = max(folders, key=os.path.getmtime)
@@ -261,3 +266,37 @@ def test_bad_grape_options_fail_with_a_clear_message(work: Path, block: dict, ex
     for text in expected:
         assert text in proc.stdout + proc.stderr
     assert not (work / "prepared_bad").exists()
+
+
+def test_the_runs_adapter_scores(work: Path) -> None:
+    """``adapter: lora`` with ``lora_model_dir``: the model Axolotl trains is base + adapter, and so is the scorer."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    lora = get_peft_model(AutoModelForCausalLM.from_pretrained(work / "tiny"),
+                          LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))  # fmt: skip
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    lora.save_pretrained(work / "adapter")
+    merged = lora.merge_and_unload().eval()
+    base = AutoModelForCausalLM.from_pretrained(work / "tiny").eval()
+    cfg = alpaca_cfg(work, "lora.yml", "prepared_lora", {"top_k": 1, "cache_dir": None})
+    data = yaml.safe_load(cfg.read_text())
+    data.update(adapter="lora", lora_model_dir="./adapter", lora_r=4, lora_alpha=8, lora_target_modules=["q_proj", "v_proj"])
+    cfg.write_text(yaml.safe_dump(data, sort_keys=False))
+    axolotl(work, "preprocess", str(cfg))
+    (folder,) = selection_folders(work, "prepared_lora")
+    scores = [json.loads(line) for line in (folder / "scores.jsonl").read_text().splitlines()]
+    first = [s for s in scores if s["group"] == scores[0]["group"]]
+    tok = AutoTokenizer.from_pretrained(work / "tiny")
+    rows = {r["generator"]: r for r in pool_rows(1)}
+    assert len(first) >= 5
+    for s in first:
+        prompt_ids, response_ids = alpaca_encode(tok, rows[s["source"]])
+        want = mean_logprob(merged, prompt_ids, response_ids)
+        assert abs(s["score"] - want) < 1e-4
+        assert abs(mean_logprob(base, prompt_ids, response_ids) - want) > 1e-3  # the adapter really matters

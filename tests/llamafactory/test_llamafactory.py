@@ -295,3 +295,27 @@ def test_a_bad_option_fails_clearly(lf_model, tmp_path, capsys, grape, overrides
     err = capsys.readouterr().err
     assert "grape-plugin: error: " in err and message in err and "Traceback" not in err
     assert not (tmp_path / "sft").exists(), "nothing trained"
+
+
+def test_a_sharegpt_entry_with_per_row_ids_keeps_one_response_per_prompt(lf_model, tmp_path, monkeypatch, direct_picks):
+    """Tulu-3 style: every row has its own id, so candidates group by prompt, not by id."""
+    monkeypatch.setenv("GRAPE_CACHE_DIR", str(tmp_path / "cache"))
+    data = make_data(tmp_path)
+    pool = pool_rows(4)
+    rows = [{"id": f"ai2-adapt-dev/pool_{n}", "source": r["generator"], "messages": [
+        {"role": "user", "content": r["instruction"]}, {"role": "assistant", "content": r["output"]}]}
+        for n, r in enumerate(pool)]  # fmt: skip
+    (data / "tulu.json").write_text(json.dumps(rows))
+    info = json.loads((data / "dataset_info.json").read_text())
+    tags = {"role_tag": "role", "content_tag": "content", "user_tag": "user", "assistant_tag": "assistant"}
+    info["tulu"] = {"file_name": "tulu.json", "formatting": "sharegpt", "columns": {"messages": "messages"},
+                    "tags": tags, "grape": {"top_k": 1}}  # fmt: skip
+    (data / "dataset_info.json").write_text(json.dumps(info))
+    report, _ = select(write_config(tmp_path / "train.yaml", lf_model, data, dataset="tulu"), tmp_path / "out")
+    kept = [json.loads(line) for line in (tmp_path / "out" / "tulu.jsonl").read_text().splitlines()]
+    questions = dict.fromkeys(r["instruction"] for r in pool)
+    picked = direct_picks([("", q, [r["output"] for r in pool if r["instruction"] == q]) for q in questions])
+    assert len(kept) == report["instructions_kept"] == 4 and report["instructions_compared"] == 4
+    clear = [(k["messages"][-1]["content"], winner) for k, (winner, gap) in zip(kept, picked) if gap > 1e-4]
+    assert len(clear) >= 3 and all(got == want for got, want in clear)
+    assert set(report["wins_per_source"]) <= {r["generator"] for r in pool}
