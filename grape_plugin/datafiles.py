@@ -46,15 +46,16 @@ def read_dataset(path: str | Path, split: Optional[str] = None) -> Any:
     return data
 
 
-def pick_split(data: Any, split: Optional[str], where: str) -> Any:
-    """One split of a ``DatasetDict`` (``split``, else ``train``); a plain ``Dataset`` as it is."""
+def pick_split(data: Any, split: Optional[str], where: str, option: str = "--split") -> Any:
+    """One split of a ``DatasetDict`` (``split``, else ``train``); a plain ``Dataset`` as it is. ``option`` is
+    where the user names a split."""
     import datasets
 
     if not isinstance(data, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         return data
     name = split or "train"
     if name not in data:
-        raise GrapeError(f"{where}: no split '{name}'; its splits are {', '.join(data)}: name one with --split")
+        raise GrapeError(f"{where}: no split '{name}'; its splits are {', '.join(data)}: name one with {option}")
     return data[name]
 
 

@@ -22,6 +22,7 @@ HINTS = {
     "dtype": "the run's bf16/fp16/torch_dtype decide it",
     "device": "scoring runs on the run's devices",
     "scorer": "the run's model scores",
+    "split": "set split: on the datasets: entry",
 }
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from grape_plugin.config import GrapeConfig
+from grape_plugin.datafiles import pick_split
 from grape_plugin.errors import GrapeError
 from grape_plugin.formats import ADDED_RESPONSE, Context, Format, detect_format
 from grape_plugin.plugins import registry
@@ -51,8 +52,6 @@ def row_digest(rows: Any) -> str:
 
 def load_entries(cfg: Any, gcfg: GrapeConfig) -> list[Entry]:
     """Every ``datasets:`` entry's rows, exactly as Axolotl loads them (same features, same None-filling)."""
-    from datasets import DatasetDict, IterableDatasetDict
-
     formats = registry("formats")
     entries = []
     for i, entry_cfg in enumerate(cfg.datasets):
@@ -63,11 +62,7 @@ def load_entries(cfg: Any, gcfg: GrapeConfig) -> list[Entry]:
         if isinstance(entry_cfg.name, list):
             raise GrapeError(f"{where}: a list of name: configs is not supported with grape:; use one entry each")
         rows = load_dataset_with_config(entry_cfg, cfg.hf_use_auth_token, streaming=False)
-        if isinstance(rows, (DatasetDict, IterableDatasetDict)):
-            split = entry_cfg.split if entry_cfg.split in rows else "train"
-            if split not in rows:
-                raise GrapeError(f"{where}: no '{split}' split; name one with split:")
-            rows = rows[split]
+        rows = pick_split(rows, entry_cfg.split, where, option="split:")
         ctx = Context(where, list(rows.column_names), gcfg)
         entries.append(Entry(entry_cfg, rows, detect_format(ctx, formats), ctx, row_digest(rows)))
     return entries

@@ -56,8 +56,9 @@ HINTS = {
     "scorer": "the run's model scores",
     "format": "the entry's formatting and columns say how rows read",
     "response_column": "name the response column under the entry's columns",
+    "split": "an entry reads its files' rows; LLaMA-Factory's own \"split\" key is the entry's",
 }
-READING_KEYS = ("group_by", "source_column", "candidates_column", "on_bad_row", "split")  # how one entry's rows read: may differ
+READING_KEYS = ("group_by", "source_column", "candidates_column", "on_bad_row")  # how one entry's rows read: may differ
 
 
 def entry_config(raw: Any, where: str, cutoff_len: int) -> Optional[GrapeConfig]:
