@@ -38,7 +38,9 @@ class GrapeConfig(BaseModel):
         True, description="keep each response token's log-prob and rank in the cache (needed by metrics but mean/sum)"
     )
     # selection
-    metric: str = Field("mean", description="fit of a candidate: mean (GRAPE), sum, min_k, drop_first, rsr, or a registered one")
+    metric: str = Field(
+        "mean", description="a candidate's fit: mean (GRAPE), sum, min_k, drop_first, rsr, or a registered metric"
+    )
     min_k_fraction: float = Field(0.2, gt=0, le=1, description="min_k: the fraction of lowest token log-probs averaged")
     rsr_rank_clip: int = Field(100, ge=1, description="rsr: token ranks (1-based) are clipped at this value")
     strategy: str = Field("best", description="best (GRAPE), worst, random, or a registered selector")

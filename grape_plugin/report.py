@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 from .config import GrapeConfig
 from .errors import GrapeError
@@ -97,14 +97,21 @@ def compare_metrics(selection: Selection, cfg: GrapeConfig, metrics: Sequence[st
         except GrapeError as exc:
             skipped[name] = str(exc)
     groups = [g for g in selection.groups if needs_scores(g, cfg)]
-    same = lambda a, b: statistics.fmean(set(kept[a].get(g.key, ())) == set(kept[b].get(g.key, ())) for g in groups)  # noqa: E731
-    picks = {m: [(g, c) for g in groups for c in g.candidates if c.index in k.get(g.key, ())] for m, k in kept.items()}
-    tokens = lambda m: statistics.fmean(selection.scores[(g.key, c.index)].n_tokens for g, c in picks[m])  # noqa: E731
+    chosen = {m: {g.key: set(k.get(g.key, ())) for g in groups} for m, k in kept.items()}
+    picks = {m: [(g, c) for g in groups for c in g.candidates if c.index in chosen[m][g.key]] for m in kept}
+
+    def agreement(a: str, b: str) -> float:
+        return round(statistics.fmean(chosen[a][g.key] == chosen[b][g.key] for g in groups), 4)
+
+    def mean_tokens(m: str) -> Optional[float]:
+        lengths = [selection.scores[(g.key, c.index)].n_tokens for g, c in picks[m]]
+        return round(statistics.fmean(lengths), 1) if lengths else None
+
     return {
         "instructions": len(groups),
-        "agreement": {a: {b: round(same(a, b), 4) for b in kept} for a in kept} if groups else {},
+        "agreement": {a: {b: agreement(a, b) for b in kept} for a in kept} if groups else {},
         "wins_per_source": {m: dict(Counter(c.source or "(none)" for _, c in p).most_common()) for m, p in picks.items()},
-        "mean_tokens": {m: round(tokens(m), 1) if picks[m] else None for m in kept},
+        "mean_tokens": {m: mean_tokens(m) for m in kept},
         "skipped": skipped,
     }
 
@@ -114,8 +121,8 @@ def compare_text(info: dict[str, Any]) -> str:
     names = list(info["mean_tokens"])
     width = max([12, *map(len, names)]) + 1
     row = lambda label, cells: f"{clip(label, 32):32s}" + "".join(f"{c:>{width}}" for c in cells)  # noqa: E731
-    lines = [f"{info['instructions']} instructions with a choice; share of them where two metrics keep the same candidates:",
-             row("", names)]  # fmt: skip
+    lines = [f"{info['instructions']} instructions with a choice; "
+             "share of them where two metrics keep the same candidates:", row("", names)]  # fmt: skip
     lines += [row(a, [f"{info['agreement'][a][b]:.2f}" for b in names]) for a in names]
     lines += ["", row("mean tokens kept", [f"{info['mean_tokens'][m] or 0:.1f}" for m in names]), "", "wins per source:"]
     wins = sum((Counter(info["wins_per_source"][m]) for m in names), Counter())
