@@ -4,6 +4,9 @@ The key covers everything a score depends on (weights, dtype, template and rende
 up in the identity or the ids), so changing ``top_k`` or a budget rescores nothing, and a run that died
 resumes where it stopped: every batch is committed as it finishes. Plain data, no pickle; WAL mode lets
 several ranks write at once. A file that is not a healthy database is moved aside and rebuilt.
+
+Per-token log-probabilities and ranks are BLOBs of little-endian float32 / int32 (NULL when not kept). The layout
+is versioned with ``PRAGMA user_version``: a file written by an older layout has its table rebuilt.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from .render import Rendered
 from .scoring import Score
 
 log = logging.getLogger(__name__)
+SCHEMA = 2  # 1: sums and counts only; 2: plus per-token log-probabilities and ranks
 
 
 def item_key(identity: str, item: Rendered) -> str:
@@ -46,8 +50,15 @@ class ScoreCache:
             db.close()
             raise sqlite3.DatabaseError("quick_check failed")
         db.execute("PRAGMA journal_mode=WAL")
-        db.execute("CREATE TABLE IF NOT EXISTS scores (key TEXT PRIMARY KEY, logprob_sum REAL, n_tokens INTEGER)")
-        db.commit()
+        with db:
+            db.execute("BEGIN IMMEDIATE")  # one process migrates an old file; the others wait and see the result
+            if db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA:
+                db.execute("DROP TABLE IF EXISTS scores")  # an older layout: its scores are computed again
+                db.execute(f"PRAGMA user_version={SCHEMA}")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS scores "
+                "(key TEXT PRIMARY KEY, logprob_sum REAL, n_tokens INTEGER, logprobs BLOB, ranks BLOB)"
+            )
         return db
 
     def get_many(self, keys: list[str]) -> dict[str, Score]:
@@ -55,15 +66,14 @@ class ScoreCache:
         for at in range(0, len(keys), 500):
             part = keys[at : at + 500]
             marks = ",".join("?" * len(part))
-            for key, total, n in self.db.execute(f"SELECT * FROM scores WHERE key IN ({marks})", part):
-                found[key] = Score(total, n)
+            for key, *values in self.db.execute(f"SELECT * FROM scores WHERE key IN ({marks})", part):
+                found[key] = Score(*values)
         return found
 
     def put_many(self, pairs: Iterable[tuple[str, Score]]) -> None:
+        rows = [(k, s.logprob_sum, s.n_tokens, s.token_logprobs, s.token_ranks) for k, s in pairs]
         with self.db:
-            self.db.executemany(
-                "INSERT OR REPLACE INTO scores VALUES (?, ?, ?)", [(k, s.logprob_sum, s.n_tokens) for k, s in pairs]
-            )
+            self.db.executemany("INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?, ?)", rows)
 
     def close(self) -> None:
         self.db.close()

@@ -1,4 +1,4 @@
-"""``grape-plugin``: preview and select GRAPE data, list plugins, export the embedded model."""
+"""``grape-plugin``: preview and select GRAPE data, compare fit metrics, list plugins, export the embedded model."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ def config_flag(name: str, field: FieldInfo) -> tuple[str, dict[str, Any]]:
     default = field.get_default(call_default_factory=True)
     shown = "" if default is None or default is False else f" (default: {default})"
     kwargs: dict[str, Any] = {"default": None, "help": f"{field.description}{shown}"}
-    if kind is bool:
-        kwargs["action"] = "store_true"
+    if kind is bool:  # an option that is on by default gets a --no- form too
+        kwargs["action"] = argparse.BooleanOptionalAction if default else "store_true"
     elif get_origin(kind) is Literal:
         kwargs["choices"] = list(get_args(kind))
     elif kind in (int, float):
@@ -73,6 +73,24 @@ def cmd_select(args: argparse.Namespace) -> None:
     print(summary_text(selection))
     for name, path in paths.items():
         print(f"{name}: {path}")
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    import json
+
+    from .pipeline import run
+    from .plugins import registry
+    from .report import compare_metrics, compare_text
+
+    cfg = build_config(args)
+    metrics = args.metrics.split(",") if args.metrics else list(registry("metrics"))
+    _, selection = run(args.data, cfg, limit=args.limit)
+    info = compare_metrics(selection, cfg, metrics)
+    print(compare_text(info))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump(info, fh, indent=2, ensure_ascii=False)
+        print(f"json: {args.json}")
 
 
 def cmd_plugins(args: argparse.Namespace) -> None:
@@ -160,7 +178,13 @@ def parser() -> argparse.ArgumentParser:
     sel.add_argument("-o", "--output", required=True, help="output folder")
     sel.add_argument("--limit", type=int, default=None, help="only the first N instructions")
     sel.set_defaults(func=cmd_select)
-    plug = sub.add_parser("plugins", help="list the registered formats, renderers, scorers and selectors")
+    cmp = sub.add_parser("compare", help="select with several metrics from one scoring run and compare the picks")
+    add_options(cmp)
+    cmp.add_argument("--metrics", help="comma-separated metric names (default: every registered metric)")
+    cmp.add_argument("--limit", type=int, default=None, help="only the first N instructions")
+    cmp.add_argument("--json", metavar="PATH", help="also write the comparison as JSON here")
+    cmp.set_defaults(func=cmd_compare)
+    plug = sub.add_parser("plugins", help="list the registered formats, renderers, scorers, selectors and metrics")
     plug.set_defaults(func=cmd_plugins)
     exp = sub.add_parser("export-model", help="save a model (default: the embedded SmolLM2) as a plain folder")
     exp.add_argument("output", help="folder to write")

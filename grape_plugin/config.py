@@ -34,7 +34,15 @@ class GrapeConfig(BaseModel):
     batch_tokens: int = Field(4096, gt=0, description="padded tokens per forward pass")
     max_length: Optional[int] = Field(None, gt=1, description="longest prompt+response in tokens")
     over_length: Literal["drop", "truncate"] = Field("drop", description="what happens to longer sequences")
+    keep_token_scores: bool = Field(
+        True, description="keep each response token's log-prob and rank in the cache (needed by metrics but mean/sum)"
+    )
     # selection
+    metric: str = Field(
+        "mean", description="a candidate's fit: mean (GRAPE), sum, min_k, drop_first, rsr, or a registered metric"
+    )
+    min_k_fraction: float = Field(0.2, gt=0, le=1, description="min_k: the fraction of lowest token log-probs averaged")
+    rsr_rank_clip: int = Field(100, ge=1, description="rsr: token ranks (1-based) are clipped at this value")
     strategy: str = Field("best", description="best (GRAPE), worst, random, or a registered selector")
     top_k: int = Field(1, ge=1, description="responses kept per instruction")
     seed: int = Field(0, description="seed of the random strategy")

@@ -26,3 +26,8 @@ def grape_register_scorers(register):
 @hookspec
 def grape_register_selectors(register):
     """Register selection strategies: ``register(name, Selector)``."""
+
+
+@hookspec
+def grape_register_metrics(register):
+    """Register fit metrics: ``register(name, Metric)``; ``Metric.fit(score, cfg)`` is higher for a better fit."""

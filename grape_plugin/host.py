@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "selection.json"  # written last: a folder with it holds a whole selection
 LAYOUT = 2  # bump when what a selection folder holds changes
-UNKEYED_OPTIONS = {"cache_dir", "batch_tokens", "device"}  # where and how fast, not what is selected
+UNKEYED_OPTIONS = {"cache_dir", "batch_tokens", "device", "keep_token_scores"}  # where, how fast, what is cached
 
 
 class Host(Protocol):

@@ -90,14 +90,15 @@ def score(groups: Sequence, items: dict[RenderedKey, Rendered], scorer: Scorer, 
     cache = open_cache(cfg.cache_dir, scorer.identity)
     keys = {w: item_key(scorer.identity, items[w]) for w in wanted}
     cached = cache.get_many(list(keys.values())) if cache else {}
-    scores = {w: cached[keys[w]] for w in wanted if keys[w] in cached}
+    usable = lambda s: s.token_logprobs is not None or not cfg.keep_token_scores  # noqa: E731
+    scores = {w: kept_part(cached[keys[w]], cfg) for w in wanted if keys[w] in cached and usable(cached[keys[w]])}
     todo = [w for w in wanted if w not in scores]
     mine = shard(todo, key=lambda w: w[0])
     fresh_here: list[tuple[RenderedKey, Score]] = []
     total = sum(len(items[w].input_ids) for w in mine)
     with tqdm(total=total, unit="tok", desc="scoring", disable=not mine or rank_world()[0] != 0) as bar:
         for chunk in commit_chunks(mine, items, COMMIT_BATCHES * cfg.batch_tokens):
-            fresh = scorer.score([items[w] for w in chunk], progress=bar.update)
+            fresh = [kept_part(s, cfg) for s in scorer.score([items[w] for w in chunk], progress=bar.update)]
             fresh_here += zip(chunk, fresh)
             if cache:
                 cache.put_many((keys[w], s) for w, s in zip(chunk, fresh))
@@ -106,6 +107,11 @@ def score(groups: Sequence, items: dict[RenderedKey, Rendered], scorer: Scorer, 
     scores.update(all_gather(fresh_here))
     tokens = sum(len(items[w].input_ids) for w in todo)
     return Scored(scores, len(todo), len(wanted) - len(todo), tokens, len(mine))
+
+
+def kept_part(score: Score, cfg: GrapeConfig) -> Score:
+    """A score as the run keeps it: without its per-token arrays when ``keep_token_scores`` is off."""
+    return score if cfg.keep_token_scores else score.without_tokens()
 
 
 def commit_chunks(todo: list[RenderedKey], items: dict[RenderedKey, Rendered], tokens: int) -> Iterator[list[RenderedKey]]:
@@ -132,7 +138,10 @@ def run_groups(
 ) -> Selection:
     """Render, score and select ``grouped``. A host passes its own ``renderer`` and ``scorer``; without them the
     configured template and scorer are used (and the scorer is closed afterwards)."""
+    from .metrics import check_metric
+
     started = time.perf_counter()
+    check_metric(cfg)
     own_scorer = scorer is None
     scorer = scorer or make_scorer(cfg)
     try:

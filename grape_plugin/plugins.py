@@ -10,8 +10,11 @@ import pluggy
 from . import hookspecs
 from .errors import GrapeError
 
-DEFAULT_PLUGINS = ("grape_plugin.formats", "grape_plugin.render", "grape_plugin.scoring", "grape_plugin.selection")
-KINDS = ("formats", "renderers", "scorers", "selectors")
+DEFAULT_PLUGINS = (
+    "grape_plugin.formats", "grape_plugin.render", "grape_plugin.scoring", "grape_plugin.selection",
+    "grape_plugin.metrics",
+)  # fmt: skip
+KINDS = ("formats", "renderers", "scorers", "selectors", "metrics")
 
 pm = pluggy.PluginManager("grape_plugin")
 pm.add_hookspecs(hookspecs)

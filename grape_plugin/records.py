@@ -69,14 +69,43 @@ def prompt_key(prompt: Iterable[Message], context: Optional[Mapping[str, Any]] =
 
 @dataclass(frozen=True)
 class Score:
-    """Sum of response-token log-probabilities and their count; ``mean`` is GRAPE's score."""
+    """Sum of response-token log-probabilities and their count (``mean`` is GRAPE's score), and optionally each
+    response token's log-probability (float32) and rank (int32: how many vocabulary entries have a strictly higher
+    logit), as little-endian bytes: compact, picklable and comparable. ``logprob_sum`` is the exact fp64 sum."""
 
     logprob_sum: float
     n_tokens: int
+    token_logprobs: Optional[bytes] = field(default=None, repr=False)
+    token_ranks: Optional[bytes] = field(default=None, repr=False)
+
+    @classmethod
+    def of(cls, logprob_sum: float, n_tokens: int, logprobs: Any = None, ranks: Any = None) -> "Score":
+        """A score with its per-token arrays (anything numpy can read, or None)."""
+        import numpy as np
+
+        pack = lambda a, t: None if a is None else np.asarray(a, dtype=t).tobytes()  # noqa: E731
+        return cls(float(logprob_sum), int(n_tokens), pack(logprobs, "<f4"), pack(ranks, "<i4"))
 
     @property
     def mean(self) -> float:
         return self.logprob_sum / self.n_tokens
+
+    @property
+    def logprobs(self) -> Any:
+        """Per-token log-probabilities (a float32 numpy array), or None when they were not kept."""
+        import numpy as np
+
+        return None if self.token_logprobs is None else np.frombuffer(self.token_logprobs, dtype="<f4")
+
+    @property
+    def ranks(self) -> Any:
+        """Per-token ranks (an int32 numpy array; 0 = the model's top choice), or None when not kept."""
+        import numpy as np
+
+        return None if self.token_ranks is None else np.frombuffer(self.token_ranks, dtype="<i4")
+
+    def without_tokens(self) -> "Score":
+        return Score(self.logprob_sum, self.n_tokens)
 
 
 @dataclass(frozen=True)

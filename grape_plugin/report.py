@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import statistics
 from collections import Counter
-from typing import Any
+from typing import Any, Optional, Sequence
 
+from .config import GrapeConfig
+from .errors import GrapeError
 from .records import Selection
 
 
@@ -93,4 +95,51 @@ def summary_text(selection: Selection) -> str:
         if counts or kind != "rows":
             lines.append(f"dropped {kind}: " + (", ".join(f"{k} {v}" for k, v in counts.items()) or "none"))
     lines += [f"  skipped: {message}" for message in info["skipped_rows"]]
+    return "\n".join(lines)
+
+
+def compare_metrics(selection: Selection, cfg: GrapeConfig, metrics: Sequence[str]) -> dict[str, Any]:
+    """Select from the same scores under each metric (the other options as in ``cfg``). Over the instructions that
+    had a choice: how often each pair of metrics keeps the same candidates, the wins per source under each, and the
+    mean length in tokens of what each keeps. A metric the scores cannot serve is listed under ``skipped``."""
+    from .selection import needs_scores, select
+
+    kept, skipped = {}, {}
+    for name in metrics:
+        try:
+            kept[name] = select(selection.groups, selection.scores, cfg.model_copy(update={"metric": name}))[0]
+        except GrapeError as exc:
+            skipped[name] = str(exc)
+    groups = [g for g in selection.groups if needs_scores(g, cfg)]
+    chosen = {m: {g.key: set(k.get(g.key, ())) for g in groups} for m, k in kept.items()}
+    picks = {m: [(g, c) for g in groups for c in g.candidates if c.index in chosen[m][g.key]] for m in kept}
+
+    def agreement(a: str, b: str) -> float:
+        return round(statistics.fmean(chosen[a][g.key] == chosen[b][g.key] for g in groups), 4)
+
+    def mean_tokens(m: str) -> Optional[float]:
+        lengths = [selection.scores[(g.key, c.index)].n_tokens for g, c in picks[m]]
+        return round(statistics.fmean(lengths), 1) if lengths else None
+
+    return {
+        "instructions": len(groups),
+        "agreement": {a: {b: agreement(a, b) for b in kept} for a in kept} if groups else {},
+        "wins_per_source": {m: dict(Counter(c.source or "(none)" for _, c in p).most_common()) for m, p in picks.items()},
+        "mean_tokens": {m: mean_tokens(m) for m in kept},
+        "skipped": skipped,
+    }
+
+
+def compare_text(info: dict[str, Any]) -> str:
+    """``compare_metrics`` as tables: agreement, mean tokens kept, wins per source."""
+    names = list(info["mean_tokens"])
+    width = max([12, *map(len, names)]) + 1
+    row = lambda label, cells: f"{clip(label, 32):32s}" + "".join(f"{c:>{width}}" for c in cells)  # noqa: E731
+    lines = [f"{info['instructions']} instructions with a choice; "
+             "share of them where two metrics keep the same candidates:", row("", names)]  # fmt: skip
+    lines += [row(a, [f"{info['agreement'][a][b]:.2f}" for b in names]) for a in names]
+    lines += ["", row("mean tokens kept", [f"{info['mean_tokens'][m] or 0:.1f}" for m in names]), "", "wins per source:"]
+    wins = sum((Counter(info["wins_per_source"][m]) for m in names), Counter())
+    lines += [row(s, [str(info["wins_per_source"][m].get(s, 0)) for m in names]) for s, _ in wins.most_common()]
+    lines += [f"skipped {m}: {why}" for m, why in info["skipped"].items()]
     return "\n".join(lines)

@@ -2,7 +2,8 @@
 
 The transformers scorer runs the model body on length-sorted batches under a token budget, then applies
 the LM head and an fp32 log-softmax only at the positions that predict response tokens, in chunks, so no
-``[batch tokens x vocab]`` tensor is ever built.
+``[batch tokens x vocab]`` tensor is ever built. Each response token's log-probability and rank come from the
+same chunk.
 """
 
 from __future__ import annotations
@@ -205,14 +206,21 @@ class TransformersScorer:
             picked = hidden[rows_in.to(device), pos_in.to(device)]
             del hidden
             sums = torch.zeros(len(batch), dtype=torch.float64, device=device)
+            lps, ranks = [], []
             chunk = max(1, HEAD_CHUNK_BYTES // (4 * self.head.weight.shape[0]))
             for c in range(0, len(targets), chunk):
                 logits = self.head(picked[c : c + chunk]).float()
                 if self.softcap:
                     logits = torch.tanh(logits / self.softcap) * self.softcap
-                lp = logits.log_softmax(-1).gather(1, targets[c : c + chunk, None]).squeeze(1)
+                target = targets[c : c + chunk, None]
+                lp = logits.log_softmax(-1).gather(1, target).squeeze(1)
                 sums.index_add_(0, rows[c : c + chunk], lp.double())
-        return [Score(float(s), r.n_tokens) for s, r in zip(sums.tolist(), batch)]
+                # rank: vocabulary entries with a strictly higher logit than the actual token (0 = the top choice)
+                ranks.append((logits > logits.gather(1, target)).sum(-1, dtype=torch.int32).cpu())
+                lps.append(lp.cpu())
+        sizes = [r.n_tokens for r in batch]
+        per_token = zip(torch.cat(lps).split(sizes), torch.cat(ranks).split(sizes))
+        return [Score.of(s, n, lp.numpy(), rk.numpy()) for s, n, (lp, rk) in zip(sums.tolist(), sizes, per_token)]
 
     def close(self) -> None:
         """Free the model (and its GPU memory) before the host loads the training model."""

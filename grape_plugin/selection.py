@@ -24,7 +24,8 @@ TIE = 1e-4
 class Selector:
     """``pick(scores, k, key)`` returns the indices of the kept candidates, best first.
 
-    ``scores`` are mean log-probabilities in input order; ``key`` is the group key (for seeded choices).
+    ``scores`` are the candidates' fits under the configured metric (higher = fits better; the mean log-probability
+    by default) in input order; ``key`` is the group key (for seeded choices).
     ``budget_sign`` orders instructions under a budget: +1 keeps the highest-scoring, -1 the lowest.
     """
 
@@ -62,7 +63,7 @@ def apply_budget(
 ) -> Optional[set[str]]:
     """The group keys kept under a budget (None when there is none).
 
-    ``fits`` is (group key, mean score of its kept responses) in input order; ties keep input order.
+    ``fits`` is (group key, mean fit of its kept responses) in input order; ties keep input order.
     """
     if budget is None and fraction is None:
         return None
@@ -79,10 +80,13 @@ def needs_scores(group: Group, cfg: GrapeConfig) -> bool:
 def select(
     groups: Iterable[Group], scores: Mapping[tuple[str, int], Score], cfg: GrapeConfig
 ) -> tuple[dict[str, tuple[int, ...]], Drops]:
-    """Kept candidate indices per group key (after the strategy and the budget), and what was not kept."""
+    """Kept candidate indices per group key (after the strategy and the budget), and what was not kept. Candidates
+    are compared by ``cfg.metric`` (``metrics.py``)."""
+    from .metrics import fit_function
     from .plugins import lookup
 
     selector = lookup("selectors", cfg.strategy)
+    fit = fit_function(cfg)
     kept: dict[str, tuple[int, ...]] = {}
     fits: list[tuple[str, float]] = []
     candidates, instructions = Counter(), Counter()
@@ -90,10 +94,10 @@ def select(
         if not needs_scores(g, cfg):
             kept[g.key] = tuple(c.index for c in g.candidates)
             continue
-        means = [scores[(g.key, c.index)].mean for c in g.candidates]
-        picked = selector.pick(means, cfg.top_k, g.key, cfg.seed)
+        values = [fit(scores[(g.key, c.index)]) for c in g.candidates]
+        picked = selector.pick(values, cfg.top_k, g.key, cfg.seed)
         kept[g.key] = tuple(g.candidates[p].index for p in picked)
-        fits.append((g.key, sum(means[p] for p in picked) / len(picked)))
+        fits.append((g.key, sum(values[p] for p in picked) / len(picked)))
         candidates["not_selected"] += len(g.candidates) - len(picked)
     in_budget = apply_budget(fits, cfg.budget, cfg.budget_fraction, selector.budget_sign)
     if in_budget is not None:

@@ -1,8 +1,10 @@
 """An optional scorer on vLLM, for GPU users who already run it (``pip install grape-plugin[vllm]``, ``--scorer vllm``).
 
 vLLM returns prompt log-probabilities for every position; only the response span is summed. Scores match the
-transformers scorer within bf16 tolerance. It registers through the ``grape_plugin`` entry-point group, like any
-third-party plugin, and is not exercised by the CPU test suite (vLLM needs a GPU).
+transformers scorer within bf16 tolerance. Per-token log-probabilities are kept, per-token ranks are not (this
+scorer does not compute them), so metrics that need ranks (``rsr``) refuse its scores with a clear error. It
+registers through the ``grape_plugin`` entry-point group, like any third-party plugin, and is not exercised by
+the CPU test suite (vLLM needs a GPU).
 """
 
 from __future__ import annotations
@@ -52,8 +54,8 @@ class VLLMScorer:
         scores = []
         for r, out in zip(items, outputs):
             # prompt_logprobs[p] maps token ids at position p (the actual one included) to their log-probability
-            total = sum(out.prompt_logprobs[p][r.input_ids[p]].logprob for p in range(r.start, r.end))
-            scores.append(Score(float(total), r.n_tokens))
+            lps = [out.prompt_logprobs[p][r.input_ids[p]].logprob for p in range(r.start, r.end)]
+            scores.append(Score.of(sum(lps), r.n_tokens, lps))  # no ranks: metrics that need them refuse
         if progress:
             progress(sum(len(r.input_ids) for r in items))
         return scores

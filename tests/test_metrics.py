@@ -1,0 +1,166 @@
+"""Per-token log-probabilities and ranks, the fit metrics built on them, their cache, and the metric comparison."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import sqlite3
+
+import numpy as np
+import pytest
+import torch
+from tests.helpers import pool_rows, render_pair
+
+from grape_plugin import GrapeConfig, GrapeError, Score, run
+from grape_plugin.cache import SCHEMA, ScoreCache
+from grape_plugin.cli import main
+from grape_plugin.metrics import fit_function
+from grape_plugin.models import load_model
+from grape_plugin.plugins import registry
+from grape_plugin.render import paper_renderer
+from grape_plugin.scoring import TransformersScorer
+
+
+@pytest.fixture(scope="module")
+def loaded(tiny_model):
+    return load_model(str(tiny_model), device="cpu", dtype="fp32")
+
+
+@pytest.fixture(scope="module")
+def scored(loaded):
+    """Pool candidates scored in padded batches with shared prompts, and the direct per-token values of each."""
+    render = paper_renderer(loaded.tokenizer)
+    rows = pool_rows(2)
+    items = [render_pair(render, [{"role": "user", "content": r["instruction"]}], r["output"][:500]) for r in rows]
+    scores = TransformersScorer(loaded.as_spec(), batch_tokens=2000, max_padding=1.0).score(items)
+    return [(s, *direct_tokens(loaded.model, list(i.input_ids), i.start, i.end)) for i, s in zip(items, scores)]
+
+
+def direct_tokens(model, ids: list[int], start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+    """Batch-1 fp32 reference from full logits: each response token's log-probability and its rank (how many
+    vocabulary entries have a strictly higher logit)."""
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].float()
+    pos, targets = torch.arange(start - 1, end - 1), torch.tensor(ids[start:end])
+    lp = logits.log_softmax(-1)[pos, targets].double().numpy()
+    ranks = (logits[pos] > logits[pos, targets][:, None]).sum(-1).numpy()
+    return lp, ranks
+
+
+def test_token_logprobs_and_ranks_equal_full_logits(scored):
+    for score, lp, ranks in scored:
+        assert score.n_tokens == len(lp) == len(score.logprobs) == len(score.ranks)
+        assert np.abs(score.logprobs - lp).max() < 1e-5
+        assert (score.ranks == ranks).mean() > 0.99 and np.abs(score.ranks - ranks).max() <= 1  # fp ties at most
+        assert abs(score.logprob_sum - lp.sum()) < 1e-4 and score.logprobs.dtype == np.float32
+    assert any(s.ranks.max() > 0 for s, _, _ in scored) and any((s.ranks == 0).any() for s, _, _ in scored)
+
+
+def reference(name: str, lp: np.ndarray, ranks: np.ndarray, cfg: GrapeConfig) -> float:
+    """Each metric's definition, written out on the direct values."""
+    return {
+        "mean": lambda: lp.mean(),
+        "sum": lambda: lp.sum(),
+        "min_k": lambda: np.sort(lp)[: max(1, int(cfg.min_k_fraction * len(lp)))].mean(),
+        "drop_first": lambda: lp[1:].mean(),
+        "rsr": lambda: -np.minimum(ranks + 1, cfg.rsr_rank_clip).sum() / -lp.sum(),
+    }[name]()
+
+
+@pytest.mark.parametrize("name", ["mean", "sum", "min_k", "drop_first", "rsr"])
+@pytest.mark.parametrize("params", [{}, {"min_k_fraction": 0.05, "rsr_rank_clip": 5}])
+def test_metrics_equal_direct_computation(scored, name, params):
+    cfg = GrapeConfig(metric=name, **params)
+    fit = fit_function(cfg)
+    for score, lp, ranks in scored:
+        expected = reference(name, lp, ranks, cfg)
+        assert abs(fit(score) - expected) < 1e-4 * max(1.0, abs(expected)), (name, fit(score), expected)
+
+
+def test_every_metric_is_documented_with_its_paper():
+    metrics = registry("metrics")
+    assert {"mean", "sum", "min_k", "drop_first", "rsr"} <= set(metrics)
+    for name in ("mean", "min_k", "drop_first", "rsr"):
+        assert "arXiv" in metrics[name].doc
+
+
+def test_scores_pickle_and_round_trip_the_cache(scored, tmp_path):
+    score = scored[0][0]
+    assert pickle.loads(pickle.dumps(score)) == score
+    cache = ScoreCache(tmp_path, "model-x")
+    cache.put_many([("a", score), ("b", score.without_tokens())])
+    got = cache.get_many(["a", "b", "c"])
+    cache.close()
+    assert got["a"] == score and np.array_equal(got["a"].ranks, score.ranks)
+    assert got["b"].logprobs is None and got["b"].mean == score.mean and set(got) == {"a", "b"}
+
+
+def test_an_old_cache_file_is_rebuilt(tmp_path):
+    path = ScoreCache(tmp_path, "model-x").path
+    path.unlink()
+    old = sqlite3.connect(path)
+    old.execute("CREATE TABLE scores (key TEXT PRIMARY KEY, logprob_sum REAL, n_tokens INTEGER)")
+    old.execute("INSERT INTO scores VALUES ('a', -3.0, 2)")
+    old.commit()
+    old.close()
+    cache = ScoreCache(tmp_path, "model-x")
+    assert cache.get_many(["a"]) == {}  # no per-token values there: scored again
+    cache.put_many([("a", Score.of(-3.0, 2, [-1, -2], [0, 3]))])
+    assert cache.get_many(["a"])["a"].ranks.tolist() == [0, 3]
+    assert cache.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA
+    cache.close()
+
+
+def test_changing_the_metric_runs_no_model(tiny_model, pool_file, tmp_path):
+    base = {"model": str(tiny_model), "cache_dir": tmp_path / "cache"}
+    _, first = run(pool_file, GrapeConfig(**base))
+    assert first.stats.scored > 0 and first.stats.model_loaded
+    kept = {}
+    for name in ("sum", "min_k", "drop_first", "rsr"):
+        _, again = run(pool_file, GrapeConfig(metric=name, **base))
+        assert again.stats.scored == 0 and not again.stats.model_loaded and again.stats.cached == first.stats.scored
+        kept[name] = again.kept
+    fit = fit_function(GrapeConfig(metric="rsr"))
+    for g in first.groups:  # rsr keeps each instruction's candidate with the lowest rank-surprisal ratio
+        best = max(g.candidates, key=lambda c: fit(first.scores[(g.key, c.index)]))
+        assert kept["rsr"][g.key] == (best.index,)
+    assert kept["sum"] != first.kept  # the sum prefers short responses
+
+
+def test_metrics_refuse_scores_without_what_they_need(tiny_model, pool_file, tmp_path):
+    with pytest.raises(GrapeError, match="set keep_token_scores"):
+        run(pool_file, GrapeConfig(model=str(tiny_model), metric="rsr", keep_token_scores=False, cache_dir=None))
+    vllm_like = Score.of(-3.0, 2, [-1.0, -2.0])  # log-probabilities but no ranks
+    assert fit_function(GrapeConfig(metric="min_k"))(vllm_like) == -2.0
+    with pytest.raises(GrapeError, match="metric 'rsr' needs per-token ranks"):
+        fit_function(GrapeConfig(metric="rsr"))(vllm_like)
+    with pytest.raises(GrapeError, match="no metric named 'nope'; registered: mean, sum"):
+        fit_function(GrapeConfig(metric="nope"))
+
+
+def test_cache_without_token_scores_is_smaller_and_rescored_when_they_are_wanted(tiny_model, pool_file, tmp_path):
+    base = {"model": str(tiny_model), "cache_dir": tmp_path / "cache"}
+    _, lean = run(pool_file, GrapeConfig(keep_token_scores=False, **base))
+    assert all(s.token_logprobs is None for s in lean.scores.values())
+    _, full = run(pool_file, GrapeConfig(metric="rsr", **base))
+    assert full.stats.cached == 0 and full.stats.scored == lean.stats.scored
+    _, again = run(pool_file, GrapeConfig(keep_token_scores=False, **base))
+    assert again.stats.scored == 0 and all(s.token_logprobs is None for s in again.scores.values())
+
+
+def test_compare_command(tiny_model, pool_file, tmp_path, capsys):
+    out = tmp_path / "compare.json"
+    args = ["compare", str(pool_file), "--model", str(tiny_model), "--cache-dir", str(tmp_path / "c"), "--json", str(out)]
+    assert main(args) == 0
+    text = capsys.readouterr().out
+    info = json.loads(out.read_text())
+    names = ["mean", "sum", "min_k", "drop_first", "rsr"]
+    assert list(info["agreement"]) == names and info["instructions"] == 6 and not info["skipped"]
+    for a in names:
+        assert info["agreement"][a][a] == 1.0 and sum(info["wins_per_source"][a].values()) == 6
+        assert all(info["agreement"][a][b] == info["agreement"][b][a] for b in names)
+    assert info["mean_tokens"]["sum"] < info["mean_tokens"]["mean"]
+    assert "share of them where two metrics keep the same candidates" in text and "wins per source:" in text
+    assert main(["compare", str(pool_file), "--model", str(tiny_model), "--cache-dir", str(tmp_path / "c"),
+                 "--metrics", "mean,rsr", "--no-keep-token-scores"]) == 0  # fmt: skip
+    assert "skipped rsr: metric 'rsr' needs per-token ranks" in capsys.readouterr().out
