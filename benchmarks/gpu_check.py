@@ -206,6 +206,32 @@ def exactness(folder: str, device: str, sizes: Sizes, pool: Path, log: Log) -> d
     return out
 
 
+def quantized(folder: str, device: str, sizes: Sizes, pool: Path, log: Log) -> dict:
+    """The path a QLoRA run takes (Axolotl's load_in_4bit, LLaMA-Factory's quantization_bit 4): the model loaded
+    in 4-bit NF4 by bitsandbytes, scored by grape-plugin, winners against one pair at a time in fp32."""
+    import importlib.util
+
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return {"skipped": "bitsandbytes is not installed"}
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    reference, tok = load(folder, device, "fp32")
+    loads = work(tok, sizes.exact_instructions, sizes, pool)
+    refs = {name: naive(reference, flat(groups)) for name, groups in loads.items()}
+    del reference
+    free()
+    nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=nf4, device_map=device).eval()
+    agree = total = 0
+    for name, groups in loads.items():
+        same, n = agreement(groups, make_scorer(model, tok, sizes.batch_tokens[0]).score(flat(groups)), refs[name])
+        agree, total = agree + same, total + n
+    del model
+    free()
+    log(f"  4-bit NF4 (bitsandbytes): same winner as fp32 on {agree}/{total} instructions")
+    return {"same_winner_4bit": [agree, total], "agreement": agree / total}
+
+
 def useful_flops(items: list[Any], config: Any) -> float:
     """The FLOPs the scores need: the body over every position that must run (each shared prompt once), causal
     attention over each position's context, and the LM head on the positions that predict response tokens."""
@@ -441,6 +467,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
         log(f"\nexactness: skipped: {res['skipped']['exactness']}")
     if folder:
         part("exactness", exactness, folder, device, sizes, pool, log)
+        if cuda:
+            part("quantized", quantized, folder, device, sizes, pool, log)
+        else:
+            res["skipped"]["quantized"] = "no CUDA device (bitsandbytes 4-bit needs one)"
 
     tok = part("tokenizer", tokenizer, args.tokenizer or folder, gguf)
     # bf16 as on GPUs; fp32 on a CPU without native bf16, where bf16 would only be slow
@@ -480,6 +510,7 @@ def summary(res: dict) -> dict[str, Any]:
         "exact_max_diff": get("exactness", lambda e: e["max_diff_fp32"], "{:.1e}"),
         "exact_ok": get("exactness", lambda e: e["ok"]),
         "bf16_agreement": get("exactness", lambda e: e["bf16_agreement"], "{:.3f}"),
+        "nf4_agreement": get("quantized", lambda q: q.get("skipped", "").replace(" ", "_") or f"{q['agreement']:.3f}"),
         "pool_tok_s": get("throughput", tput("pool", "ours", "tok_s"), "{:.0f}"),
         "pool_vs_peer": get("throughput", tput("pool", "ours", "vs_peer"), "{:.2f}"),
         "pool_vs_padded": get("throughput", tput("pool", "ours", "vs_padded"), "{:.2f}"),

@@ -12,7 +12,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu_check  # noqa: E402
 
 KEYS = [
-    "device", "torch", "exact_max_diff", "exact_ok", "bf16_agreement", "pool_tok_s", "pool_vs_peer", "pool_vs_padded",
+    "device", "torch", "exact_max_diff", "exact_ok", "bf16_agreement", "nf4_agreement", "pool_tok_s", "pool_vs_peer",
+    "pool_vs_padded",
     "prefix_vs_peer", "mfu_pool", "mfu_pool_pack", "peak_gib", "mem_ok", "oom_backoff", "attn", "sdpa_kernels",
     "pack_kernels", "flash", "targets_met", "errors", "elapsed_s",
 ]

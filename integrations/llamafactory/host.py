@@ -245,8 +245,10 @@ class LlamaFactoryHost(Host):
         for e in self.entries:
             rows = e.rows()
             ctx = Context(e.files[0], list(rows.column_names), e.cfg)
-            for option in READING_KEYS:
-                if (named := getattr(e.cfg, option)) is not None and named not in ctx.columns:
+            named_columns = {"group_by": None if e.cfg.group_by in ("auto", "prompt") else e.cfg.group_by,
+                             "source_column": e.cfg.source_column, "candidates_column": e.cfg.candidates_column}
+            for option, named in named_columns.items():
+                if named is not None and named not in ctx.columns:
                     raise GrapeError(f"{ctx.file}: grape option {option} names column '{named}', which dataset "
                                      f"'{e.name}' lacks; its columns are {', '.join(ctx.columns)}")  # fmt: skip
             fmt = EntryRows(e, get_dataset_converter(e.attr.formatting, e.attr, d))
