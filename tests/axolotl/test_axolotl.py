@@ -200,7 +200,8 @@ def test_train_reuses_the_selection_and_trains(alpaca_run: Path) -> None:
 
 
 def test_changed_block_reselects_from_cached_scores(alpaca_run: Path) -> None:
-    axolotl(alpaca_run, "preprocess", str(alpaca_cfg(alpaca_run, "alpaca_top2.yml", "prepared", {"top_k": 2})))
+    block = {"top_k": 2, "metric": "min_k"}  # another fit metric too: from the cached per-token values
+    axolotl(alpaca_run, "preprocess", str(alpaca_cfg(alpaca_run, "alpaca_top2.yml", "prepared", block)))
     folders = selection_folders(alpaca_run, "prepared")
     assert len(folders) == 2
     report = json.loads((max(folders, key=os.path.getmtime) / "report.json").read_text())

@@ -238,6 +238,7 @@ def select(cfg: Path, out: Path, *overrides: str) -> tuple[dict, dict]:
 
 
 def test_a_fully_cached_rerun_loads_no_weights(lf_model, tmp_path, monkeypatch):
+    """Another top_k and another fit metric: a new selection from the cached per-token values, no weights."""
     import llamafactory.model
 
     monkeypatch.setenv("GRAPE_CACHE_DIR", str(tmp_path / "cache"))
@@ -245,7 +246,7 @@ def test_a_fully_cached_rerun_loads_no_weights(lf_model, tmp_path, monkeypatch):
     cfg = write_config(tmp_path / "train.yaml", lf_model, data)
     first, first_manifest = select(cfg, tmp_path / "one")
     assert first["model_loaded"] and first["scored"] > 0
-    set_grape(data, top_k=2)  # a new selection of the same candidates
+    set_grape(data, top_k=2, metric="min_k")  # a new selection of the same candidates, by another metric
 
     def no_weights(*args, **kwargs):
         raise AssertionError("the weights were loaded although every score is cached")
