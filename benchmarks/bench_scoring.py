@@ -62,7 +62,9 @@ def workloads(tokenizer, n: int, max_length: int, pool: Path = POOL) -> dict[str
                       {"role": "assistant", "content": earlier[0]["output"][:400]}]
         prompt = turns + [{"role": "user", "content": g[0]["instruction"]}]
         items = [render_one(render, prompt, r["output"][:300]) for r in g]
-        prefix.append([Rendered(it.input_ids[: max_length * 2], it.start, min(it.end, max_length * 2)) for it in items])
+        fitted = [f for it in items if (f := fit_length(it, max_length * 2, "truncate")) is not None]
+        if fitted:  # a prompt longer than the cut leaves nothing of its responses to score
+            prefix.append(fitted)
     return {"pool": pool, "prefix": prefix}
 
 
