@@ -65,6 +65,19 @@ def make_renderer(scorer: Scorer, cfg: GrapeConfig) -> Renderer:
     return lookup("renderers", cfg.template)(scorer.tokenizer, cfg)
 
 
+class Stopwatch:
+    """Seconds per stage: ``lap(name)`` records the time since the previous lap."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self.last, 3)
+        self.last = now
+
+
 @dataclass(frozen=True)
 class Scored:
     """Every wanted candidate's score, and how they were obtained."""
@@ -73,6 +86,8 @@ class Scored:
     scored: int
     cached: int
     tokens_scored: int
+    tokens: int  # every wanted candidate's (all ranks)
+    tokens_here: int  # the candidates this rank holds rendered
     scored_by_this_rank: int
 
 
@@ -87,26 +102,28 @@ def score(groups: Sequence, items: dict[RenderedKey, Rendered], scorer: Scorer, 
     from .distributed import all_gather, rank_world, shard
 
     wanted = [(g.key, c.index) for g in groups if needs_scores(g, cfg) for c in g.candidates]
+    # shard first, so each rank looks up and scores its own instructions whatever the others have cached already
+    mine = shard(wanted, key=lambda w: w[0])
     cache = open_cache(cfg.cache_dir, scorer.identity)
-    keys = {w: item_key(scorer.identity, items[w]) for w in wanted}
+    keys = {w: item_key(scorer.identity, items[w]) for w in mine}
     cached = cache.get_many(list(keys.values())) if cache else {}
     usable = lambda s: s.token_logprobs is not None or not cfg.keep_token_scores  # noqa: E731
-    scores = {w: kept_part(cached[keys[w]], cfg) for w in wanted if keys[w] in cached and usable(cached[keys[w]])}
-    todo = [w for w in wanted if w not in scores]
-    mine = shard(todo, key=lambda w: w[0])
+    found = [(w, kept_part(cached[keys[w]], cfg)) for w in mine if keys[w] in cached and usable(cached[keys[w]])]
+    todo = [w for w in mine if w not in dict(found)]
     fresh_here: list[tuple[RenderedKey, Score]] = []
-    total = sum(len(items[w].input_ids) for w in mine)
-    with tqdm(total=total, unit="tok", desc="scoring", disable=not mine or rank_world()[0] != 0) as bar:
-        for chunk in commit_chunks(mine, items, COMMIT_BATCHES * cfg.batch_tokens):
+    size = lambda ws: sum(len(items[w].input_ids) for w in ws)  # noqa: E731
+    with tqdm(total=size(todo), unit="tok", desc="scoring", disable=not todo or rank_world()[0] != 0) as bar:
+        for chunk in commit_chunks(todo, items, COMMIT_BATCHES * cfg.batch_tokens):
             fresh = [kept_part(s, cfg) for s in scorer.score([items[w] for w in chunk], progress=bar.update)]
             fresh_here += zip(chunk, fresh)
             if cache:
                 cache.put_many((keys[w], s) for w, s in zip(chunk, fresh))
     if cache:
         cache.close()
-    scores.update(all_gather(fresh_here))
-    tokens = sum(len(items[w].input_ids) for w in todo)
-    return Scored(scores, len(todo), len(wanted) - len(todo), tokens, len(mine))
+    scores = dict(all_gather(found + fresh_here))
+    n_todo, tokens_todo = map(sum, zip(*all_gather([(len(todo), size(todo))])))
+    everything = size(wanted)
+    return Scored(scores, n_todo, len(wanted) - n_todo, tokens_todo, everything, everything, len(todo))
 
 
 def kept_part(score: Score, cfg: GrapeConfig) -> Score:
@@ -144,16 +161,20 @@ def run_groups(
     check_metric(cfg)
     own_scorer = scorer is None
     scorer = scorer or make_scorer(cfg)
+    clock = Stopwatch()
     try:
         max_length = cfg.max_length or scorer.context_length  # past the model's positions scores mean nothing
         rendered = render_groups(grouped.groups, renderer or make_renderer(scorer, cfg), max_length,
                                  cfg.over_length, file)  # fmt: skip
+        clock.lap("render")
         scored = score(rendered.groups, rendered.items, scorer, cfg)
+        clock.lap("score")
         loaded = scorer.loaded
     finally:
         if own_scorer:
             scorer.close()
     kept, not_kept = select(rendered.groups, scored.scores, cfg)
+    clock.lap("select")
     drops = grouped.drops + rendered.drops + not_kept
     stats = Stats(
         instructions=len(grouped.groups) + grouped.drops.n_instructions,
@@ -162,9 +183,12 @@ def run_groups(
         scored=scored.scored,
         cached=scored.cached,
         tokens_scored=scored.tokens_scored,
+        tokens=scored.tokens,
+        tokens_here=scored.tokens_here,
         scored_by_this_rank=scored.scored_by_this_rank,
         model_loaded=loaded,
         seconds=round(time.perf_counter() - started, 2),
+        stages=clock.laps,
     )
     return Selection(rendered.groups, scored.scores, kept, drops, stats, grouped.skipped)
 
