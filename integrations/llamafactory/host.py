@@ -184,7 +184,7 @@ class TrainRenderer:
         if len(item.input_ids) <= self.cutoff_len or not self.truncate:
             return item
         short = labelled_span(*self.cut(group.context, cand.response))
-        if short.input_ids[short.start : short.end] != item.input_ids[item.start : item.start + short.n_tokens]:
+        if short.input_ids[short.start : short.end].tolist() != item.input_ids[item.start : item.start + short.n_tokens].tolist():
             return item  # the cut lost the final turn: max_length decides
         self.truncated += 1
         return short
