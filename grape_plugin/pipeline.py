@@ -14,11 +14,12 @@ from typing import Any, Iterator, Optional, Sequence
 
 from .cache import item_key, open_cache
 from .config import GrapeConfig
+from .distributed import shard
 from .errors import GrapeError
 from .formats import Context, Format, Input, detect_format, group_rows
 from .plugins import lookup, registry
-from .records import Grouped, Score, Selection, Stats
-from .render import Rendered, RenderedKey, Renderer, render_groups
+from .records import Drops, Group, Grouped, Score, Selection, Stats
+from .render import Rendered, RenderedGroups, RenderedKey, Renderer, render_groups
 from .scoring import Scorer
 from .selection import needs_scores, select
 
@@ -94,16 +95,14 @@ class Scored:
 def score(groups: Sequence, items: dict[RenderedKey, Rendered], scorer: Scorer, cfg: GrapeConfig) -> Scored:
     """Score the candidates of every group that needs it, through the on-disk cache.
 
-    Under ``torch.distributed`` each rank scores its share of the instructions and every rank gets all scores.
-    The scorer loads its weights only if this rank has something left to score.
+    Under ``torch.distributed`` each rank passes its own share of the instructions (see ``run_groups``) and every
+    rank gets all scores. The scorer loads its weights only if this rank has something left to score.
     """
     from tqdm.auto import tqdm
 
-    from .distributed import all_gather, rank_world, shard
+    from .distributed import all_gather, rank_world
 
-    wanted = [(g.key, c.index) for g in groups if needs_scores(g, cfg) for c in g.candidates]
-    # shard first, so each rank looks up and scores its own instructions whatever the others have cached already
-    mine = shard(wanted, key=lambda w: w[0])
+    mine = [(g.key, c.index) for g in groups if needs_scores(g, cfg) for c in g.candidates]
     cache = open_cache(cfg.cache_dir, scorer.identity)
     keys = {w: item_key(scorer.identity, items[w]) for w in mine}
     cached = cache.get_many(list(keys.values())) if cache else {}
@@ -121,9 +120,29 @@ def score(groups: Sequence, items: dict[RenderedKey, Rendered], scorer: Scorer, 
     if cache:
         cache.close()
     scores = dict(all_gather(found + fresh_here))
-    n_todo, tokens_todo = map(sum, zip(*all_gather([(len(todo), size(todo))])))
-    everything = size(wanted)
-    return Scored(scores, n_todo, len(wanted) - n_todo, tokens_todo, everything, everything, len(todo))
+    here = size(items)
+    n_todo, n_mine, tokens_todo, tokens = map(sum, zip(*all_gather([(len(todo), len(mine), size(todo), here)])))
+    return Scored(scores, n_todo, n_mine - n_todo, tokens_todo, tokens, here, len(todo))
+
+
+def gather_rendered(groups: Sequence[Group], rendered: RenderedGroups) -> RenderedGroups:
+    """Every rank's rendering outcome over all ``groups`` (survivors, drops, truncations), without the token ids:
+    each rank keeps only its own."""
+    from .distributed import all_gather, rank_world
+
+    if rank_world()[1] == 1:
+        return rendered
+    survivors = dict(all_gather([(g.key, {c.index for c in g.candidates}) for g in rendered.groups]))
+    outcome = all_gather([(rendered.drops, rendered.truncated)])
+    kept = tuple(g.with_candidates(c for c in g.candidates if c.index in survivors[g.key])
+                 for g in groups if g.key in survivors)  # fmt: skip
+    return RenderedGroups(kept, rendered.items, sum((d for d, _ in outcome), Drops()), sum(t for _, t in outcome))
+
+
+def text_size(group: Group) -> int:
+    """An estimate of a group's tokens before rendering: its characters, the prompt once per candidate."""
+    prompt = sum(len(m["content"]) for m in group.prompt)
+    return sum(prompt + len(c.response) for c in group.candidates)
 
 
 def kept_part(score: Score, cfg: GrapeConfig) -> Score:
@@ -164,10 +183,12 @@ def run_groups(
     clock = Stopwatch()
     try:
         max_length = cfg.max_length or scorer.context_length  # past the model's positions scores mean nothing
-        rendered = render_groups(grouped.groups, renderer or make_renderer(scorer, cfg), max_length,
-                                 cfg.over_length, file)  # fmt: skip
+        # each rank renders and scores its own instructions; only the outcome and the scores are gathered
+        here = render_groups(shard(grouped.groups, text_size), renderer or make_renderer(scorer, cfg), max_length,
+                             cfg.over_length, file)  # fmt: skip
         clock.lap("render")
-        scored = score(rendered.groups, rendered.items, scorer, cfg)
+        scored = score(here.groups, here.items, scorer, cfg)
+        rendered = gather_rendered(grouped.groups, here)
         clock.lap("score")
         loaded = scorer.loaded
     finally:
