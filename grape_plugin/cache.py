@@ -25,8 +25,8 @@ SCHEMA = 2  # 1: sums and counts only; 2: plus per-token log-probabilities and r
 
 
 def item_key(identity: str, item: Rendered) -> str:
-    text = f"{identity}\n{item.start}:{item.end}\n" + ",".join(map(str, item.input_ids))
-    return hashlib.sha256(text.encode()).hexdigest()
+    head = f"{identity}\n{item.start}:{item.end}\n".encode()
+    return hashlib.sha256(head + item.input_ids.astype("<i4", copy=False).tobytes()).hexdigest()
 
 
 class ScoreCache:

@@ -1,4 +1,4 @@
-"""Data-parallel scoring over ``torch.distributed`` ranks: shard by instruction, gather every score.
+"""Data-parallel work over ``torch.distributed`` ranks: shard the instructions, gather every score.
 
 The host frameworks (torchrun, accelerate, Axolotl, LLaMA-Factory) already start the process group;
 when there is none, or one rank, everything here is a no-op.
@@ -6,7 +6,7 @@ when there is none, or one rank, everything here is a no-op.
 
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 T = TypeVar("T")
 
@@ -20,13 +20,18 @@ def rank_world() -> tuple[int, int]:
     return 0, 1
 
 
-def shard(items: list[T], key: Callable[[T], Any]) -> list[T]:
-    """This rank's share: the items whose ``key`` is every ``world``-th distinct key (so a group stays on one rank)."""
+def shard(items: Sequence[T], size: Callable[[T], int]) -> list[T]:
+    """This rank's share of ``items``: a split that every rank computes alike (largest first, each to the least
+    loaded rank; ties by position), balanced by ``size``; input order is kept within the share."""
     rank, world = rank_world()
     if world == 1:
-        return items
-    order = {k: n for n, k in enumerate(dict.fromkeys(key(i) for i in items))}
-    return [i for i in items if order[key(i)] % world == rank]
+        return list(items)
+    sizes = [size(x) for x in items]
+    loads, owner = [0] * world, [0] * len(items)
+    for i in sorted(range(len(items)), key=lambda i: -sizes[i]):
+        owner[i] = min(range(world), key=lambda r: (loads[r], r))
+        loads[owner[i]] += sizes[i]
+    return [x for x, r in zip(items, owner) if r == rank]
 
 
 def all_gather(local: list[T]) -> list[T]:

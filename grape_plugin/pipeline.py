@@ -14,11 +14,12 @@ from typing import Any, Iterator, Optional, Sequence
 
 from .cache import item_key, open_cache
 from .config import GrapeConfig
+from .distributed import shard
 from .errors import GrapeError
 from .formats import Context, Format, Input, detect_format, group_rows
 from .plugins import lookup, registry
-from .records import Grouped, Score, Selection, Stats
-from .render import Rendered, RenderedKey, Renderer, render_groups
+from .records import Drops, Group, Grouped, Score, Selection, Stats
+from .render import Rendered, RenderedGroups, RenderedKey, Renderer, render_groups
 from .scoring import Scorer
 from .selection import needs_scores, select
 
@@ -65,6 +66,19 @@ def make_renderer(scorer: Scorer, cfg: GrapeConfig) -> Renderer:
     return lookup("renderers", cfg.template)(scorer.tokenizer, cfg)
 
 
+class Stopwatch:
+    """Seconds per stage: ``lap(name)`` records the time since the previous lap."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self.last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self.last, 3)
+        self.last = now
+
+
 @dataclass(frozen=True)
 class Scored:
     """Every wanted candidate's score, and how they were obtained."""
@@ -73,40 +87,62 @@ class Scored:
     scored: int
     cached: int
     tokens_scored: int
+    tokens: int  # every wanted candidate's (all ranks)
+    tokens_here: int  # the candidates this rank holds rendered
     scored_by_this_rank: int
 
 
 def score(groups: Sequence, items: dict[RenderedKey, Rendered], scorer: Scorer, cfg: GrapeConfig) -> Scored:
     """Score the candidates of every group that needs it, through the on-disk cache.
 
-    Under ``torch.distributed`` each rank scores its share of the instructions and every rank gets all scores.
-    The scorer loads its weights only if this rank has something left to score.
+    Under ``torch.distributed`` each rank passes its own share of the instructions (see ``run_groups``) and every
+    rank gets all scores. The scorer loads its weights only if this rank has something left to score.
     """
     from tqdm.auto import tqdm
 
-    from .distributed import all_gather, rank_world, shard
+    from .distributed import all_gather, rank_world
 
-    wanted = [(g.key, c.index) for g in groups if needs_scores(g, cfg) for c in g.candidates]
+    mine = [(g.key, c.index) for g in groups if needs_scores(g, cfg) for c in g.candidates]
     cache = open_cache(cfg.cache_dir, scorer.identity)
-    keys = {w: item_key(scorer.identity, items[w]) for w in wanted}
+    keys = {w: item_key(scorer.identity, items[w]) for w in mine}
     cached = cache.get_many(list(keys.values())) if cache else {}
     usable = lambda s: s.token_logprobs is not None or not cfg.keep_token_scores  # noqa: E731
-    scores = {w: kept_part(cached[keys[w]], cfg) for w in wanted if keys[w] in cached and usable(cached[keys[w]])}
-    todo = [w for w in wanted if w not in scores]
-    mine = shard(todo, key=lambda w: w[0])
+    found = [(w, kept_part(cached[keys[w]], cfg)) for w in mine if keys[w] in cached and usable(cached[keys[w]])]
+    todo = [w for w in mine if w not in dict(found)]
     fresh_here: list[tuple[RenderedKey, Score]] = []
-    total = sum(len(items[w].input_ids) for w in mine)
-    with tqdm(total=total, unit="tok", desc="scoring", disable=not mine or rank_world()[0] != 0) as bar:
-        for chunk in commit_chunks(mine, items, COMMIT_BATCHES * cfg.batch_tokens):
+    size = lambda ws: sum(len(items[w].input_ids) for w in ws)  # noqa: E731
+    with tqdm(total=size(todo), unit="tok", desc="scoring", disable=not todo or rank_world()[0] != 0) as bar:
+        for chunk in commit_chunks(todo, items, COMMIT_BATCHES * cfg.batch_tokens):
             fresh = [kept_part(s, cfg) for s in scorer.score([items[w] for w in chunk], progress=bar.update)]
             fresh_here += zip(chunk, fresh)
             if cache:
                 cache.put_many((keys[w], s) for w, s in zip(chunk, fresh))
     if cache:
         cache.close()
-    scores.update(all_gather(fresh_here))
-    tokens = sum(len(items[w].input_ids) for w in todo)
-    return Scored(scores, len(todo), len(wanted) - len(todo), tokens, len(mine))
+    scores = dict(all_gather(found + fresh_here))
+    here = size(items)
+    n_todo, n_mine, tokens_todo, tokens = map(sum, zip(*all_gather([(len(todo), len(mine), size(todo), here)])))
+    return Scored(scores, n_todo, n_mine - n_todo, tokens_todo, tokens, here, len(todo))
+
+
+def gather_rendered(groups: Sequence[Group], rendered: RenderedGroups) -> RenderedGroups:
+    """Every rank's rendering outcome over all ``groups`` (survivors, drops, truncations), without the token ids:
+    each rank keeps only its own."""
+    from .distributed import all_gather, rank_world
+
+    if rank_world()[1] == 1:
+        return rendered
+    survivors = dict(all_gather([(g.key, {c.index for c in g.candidates}) for g in rendered.groups]))
+    outcome = all_gather([(rendered.drops, rendered.truncated)])
+    kept = tuple(g.with_candidates(c for c in g.candidates if c.index in survivors[g.key])
+                 for g in groups if g.key in survivors)  # fmt: skip
+    return RenderedGroups(kept, rendered.items, sum((d for d, _ in outcome), Drops()), sum(t for _, t in outcome))
+
+
+def text_size(group: Group) -> int:
+    """An estimate of a group's tokens before rendering: its characters, the prompt once per candidate."""
+    prompt = sum(len(m["content"]) for m in group.prompt)
+    return sum(prompt + len(c.response) for c in group.candidates)
 
 
 def kept_part(score: Score, cfg: GrapeConfig) -> Score:
@@ -144,16 +180,22 @@ def run_groups(
     check_metric(cfg)
     own_scorer = scorer is None
     scorer = scorer or make_scorer(cfg)
+    clock = Stopwatch()
     try:
         max_length = cfg.max_length or scorer.context_length  # past the model's positions scores mean nothing
-        rendered = render_groups(grouped.groups, renderer or make_renderer(scorer, cfg), max_length,
-                                 cfg.over_length, file)  # fmt: skip
-        scored = score(rendered.groups, rendered.items, scorer, cfg)
+        # each rank renders and scores its own instructions; only the outcome and the scores are gathered
+        here = render_groups(shard(grouped.groups, text_size), renderer or make_renderer(scorer, cfg), max_length,
+                             cfg.over_length, file)  # fmt: skip
+        clock.lap("render")
+        scored = score(here.groups, here.items, scorer, cfg)
+        rendered = gather_rendered(grouped.groups, here)
+        clock.lap("score")
         loaded = scorer.loaded
     finally:
         if own_scorer:
             scorer.close()
     kept, not_kept = select(rendered.groups, scored.scores, cfg)
+    clock.lap("select")
     drops = grouped.drops + rendered.drops + not_kept
     stats = Stats(
         instructions=len(grouped.groups) + grouped.drops.n_instructions,
@@ -162,9 +204,12 @@ def run_groups(
         scored=scored.scored,
         cached=scored.cached,
         tokens_scored=scored.tokens_scored,
+        tokens=scored.tokens,
+        tokens_here=scored.tokens_here,
         scored_by_this_rank=scored.scored_by_this_rank,
         model_loaded=loaded,
         seconds=round(time.perf_counter() - started, 2),
+        stages=clock.laps,
     )
     return Selection(rendered.groups, scored.scores, kept, drops, stats, grouped.skipped)
 

@@ -163,9 +163,12 @@ class Stats:
     scored: int = 0  # candidates scored in this run (all ranks)
     cached: int = 0  # candidates whose score came from the cache
     tokens_scored: int = 0
+    tokens: int = 0  # of every candidate kept after max_length (all ranks)
+    tokens_here: int = 0  # of the candidates rendered on this rank
     scored_by_this_rank: int = 0
     model_loaded: bool = False  # on this rank
     seconds: float = 0.0
+    stages: Mapping[str, float] = field(default_factory=dict)  # seconds per stage: render, score, select
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

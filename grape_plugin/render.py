@@ -11,42 +11,82 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from .errors import GrapeError, input_error
 from .hookspecs import hookimpl
 from .records import Candidate, Drops, Group, Message
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Rendered:
-    """Token ids and the half-open span ``[start, end)`` of response tokens within them."""
+    """Token ids (an int32 numpy array; any sequence of ints given is converted) and the half-open span
+    ``[start, end)`` of response tokens within them."""
 
-    input_ids: tuple[int, ...]
+    input_ids: Any
     start: int
     end: int
+
+    def __post_init__(self) -> None:
+        import numpy as np
+
+        if not (isinstance(self.input_ids, np.ndarray) and self.input_ids.dtype == np.int32):
+            object.__setattr__(self, "input_ids", np.asarray(self.input_ids, dtype=np.int32))
+
+    def __eq__(self, other: object) -> bool:
+        import numpy as np
+
+        return isinstance(other, Rendered) and (self.start, self.end) == (other.start, other.end) and bool(
+            np.array_equal(self.input_ids, other.input_ids))  # fmt: skip
 
     @property
     def n_tokens(self) -> int:
         return self.end - self.start
 
 
-Renderer = Callable[[Group, Candidate], Rendered]
+Renderer = Callable[[Group, Candidate], Rendered]  # a template may also offer ``render_many`` (see TextRenderer)
 RenderedKey = tuple[str, int]  # (group key, candidate index)
+RENDER_BATCH = 1024  # candidates per tokenizer call of a template that renders in bulk
+Text = tuple[str, int, int]  # a whole text and the character span of the response in it
 
 
-def render_text(tokenizer: Any, text: str, char_start: int, char_end: int, add_special_tokens: bool) -> Rendered:
-    """Tokenise ``text`` once; the response is every token overlapping ``text[char_start:char_end]``."""
+def render_texts(tokenizer: Any, texts: Sequence[Text], add_special_tokens: bool) -> list[Rendered]:
+    """Tokenise many texts in one call; each response is every token overlapping its character span."""
+    import numpy as np
+
     try:
-        enc = tokenizer(text, add_special_tokens=add_special_tokens, return_offsets_mapping=True)
+        enc = tokenizer([t for t, _, _ in texts], add_special_tokens=add_special_tokens, return_offsets_mapping=True)
     except NotImplementedError:
         raise GrapeError(
             f"tokenizer {type(tokenizer).__name__} gives no character offsets; a fast (Rust) tokenizer is needed"
         ) from None
-    span = [t for t, (a, b) in enumerate(enc["offset_mapping"]) if b > a and b > char_start and a < char_end]
-    if not span:
-        raise GrapeError("the response rendered to no tokens")
-    return Rendered(tuple(enc["input_ids"]), span[0], span[-1] + 1)
+    out = []
+    for ids, offsets, (_, char_start, char_end) in zip(enc["input_ids"], enc["offset_mapping"], texts):
+        at = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        span = np.flatnonzero((at[:, 1] > at[:, 0]) & (at[:, 1] > char_start) & (at[:, 0] < char_end))
+        if not len(span):
+            raise GrapeError("the response rendered to no tokens")
+        out.append(Rendered(np.asarray(ids, dtype=np.int32), int(span[0]), int(span[-1]) + 1))
+    return out
+
+
+def render_text(tokenizer: Any, text: str, char_start: int, char_end: int, add_special_tokens: bool) -> Rendered:
+    """Tokenise ``text`` once; the response is every token overlapping ``text[char_start:char_end]``."""
+    return render_texts(tokenizer, [(text, char_start, char_end)], add_special_tokens)[0]
+
+
+class TextRenderer:
+    """A template that turns a candidate into one text (``text(group, candidate)``) and tokenises many texts per
+    tokenizer call (``render_many``); called on one candidate, it is a plain ``Renderer``."""
+
+    def __init__(self, tokenizer: Any, text: Callable[[Group, Candidate], Text], add_special_tokens: bool):
+        self.tokenizer, self.text, self.add_special_tokens = tokenizer, text, add_special_tokens
+
+    def __call__(self, group: Group, cand: Candidate) -> Rendered:
+        return self.render_many([(group, cand)])[0]
+
+    def render_many(self, pairs: Sequence[tuple[Group, Candidate]]) -> list[Rendered]:
+        return render_texts(self.tokenizer, [self.text(g, c) for g, c in pairs], self.add_special_tokens)
 
 
 def paper_prompt(prompt: Iterable[Message]) -> str:
@@ -58,33 +98,33 @@ def paper_prompt(prompt: Iterable[Message]) -> str:
     return "\n".join(lines) + "\nAnswer: "
 
 
-def paper_renderer(tokenizer: Any, cfg: Any = None) -> Renderer:
+def paper_renderer(tokenizer: Any, cfg: Any = None) -> TextRenderer:
     """The paper's template: ``Question: {instruction}\\nAnswer: {response}``, with the tokenizer's BOS."""
 
-    def render(group: Group, cand: Candidate) -> Rendered:
+    def text(group: Group, cand: Candidate) -> Text:
         head = paper_prompt(group.prompt)
-        return render_text(tokenizer, head + cand.response, len(head), len(head) + len(cand.response), True)
+        return head + cand.response, len(head), len(head) + len(cand.response)
 
-    return render
+    return TextRenderer(tokenizer, text, True)
 
 
-def chat_renderer(tokenizer: Any, cfg: Any = None) -> Renderer:
+def chat_renderer(tokenizer: Any, cfg: Any = None) -> TextRenderer:
     """The tokenizer's own chat template; the response is located inside the rendered conversation."""
     if not getattr(tokenizer, "chat_template", None):
         raise GrapeError("--template chat: the model's tokenizer has no chat template; use --template paper")
 
-    def render(group: Group, cand: Candidate) -> Rendered:
+    def text(group: Group, cand: Candidate) -> Text:
         prompt, response = list(group.prompt), cand.response
         head = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
-        begin = len(head) if text.startswith(head) else 0
+        whole = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": response}], tokenize=False)
+        begin = len(head) if whole.startswith(head) else 0
         for needle in (response, response.strip()):
-            at = text.find(needle, begin)
+            at = whole.find(needle, begin)
             if at >= 0:
-                return render_text(tokenizer, text, at, at + len(needle), False)
+                return whole, at, at + len(needle)
         raise GrapeError("the chat template changed the response text; cannot locate it to score")
 
-    return render
+    return TextRenderer(tokenizer, text, False)
 
 
 IGNORE_INDEX = -100  # the label of positions a host does not train on (Axolotl, LLaMA-Factory, HF)
@@ -111,7 +151,7 @@ def fit_length(item: Rendered, max_length: Optional[int], policy: str) -> Option
     if max_length is None or len(item.input_ids) <= max_length:
         return item
     if policy == "truncate" and item.start < max_length:
-        return Rendered(item.input_ids[:max_length], item.start, min(item.end, max_length))
+        return Rendered(item.input_ids[:max_length].copy(), item.start, min(item.end, max_length))
     return None
 
 
@@ -131,30 +171,61 @@ class RenderedGroups:
     truncated: int
 
 
+def render_pairs(render: Renderer, pairs: Sequence[tuple[Group, Candidate]], file: str) -> list[Rendered]:
+    """Every (group, candidate) rendered: many per call when the template offers ``render_many``; an error names
+    the candidate's row."""
+    many = getattr(render, "render_many", None)
+    if many is not None:
+        try:
+            return many(pairs)
+        except GrapeError:
+            pass  # one of them is bad: render them one by one to name it
+    out = []
+    for group, cand in pairs:
+        try:
+            out.append(render(group, cand))
+        except GrapeError as exc:
+            raise input_error(file, cand.row, "response", str(exc)) from None
+    return out
+
+
+def group_chunks(groups: Iterable[Group], candidates: int) -> Iterator[list[Group]]:
+    """Whole groups, about ``candidates`` candidates at a time."""
+    chunk: list[Group] = []
+    size = 0
+    for group in groups:
+        chunk.append(group)
+        size += len(group.candidates)
+        if size >= candidates:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk
+
+
 def render_groups(
     groups: Iterable[Group], render: Renderer, max_length: Optional[int], over_length: str, file: str = "input"
 ) -> RenderedGroups:
     """Render every candidate; apply ``max_length`` (drop or truncate, counted); leave out emptied groups."""
     items: dict[RenderedKey, Rendered] = {}
     kept, candidates, instructions, truncated = [], Counter(), Counter(), 0
-    for group in groups:
-        survivors = []
-        for cand in group.candidates:
-            try:
-                item = render(group, cand)
-            except GrapeError as exc:
-                raise input_error(file, cand.row, "response", str(exc)) from None
-            fitted = fit_length(item, max_length, over_length)
-            if fitted is None:
-                candidates["too_long"] += 1
-                continue
-            truncated += fitted is not item
-            items[(group.key, cand.index)] = fitted
-            survivors.append(cand)
-        if survivors:
-            kept.append(group.with_candidates(survivors))
-        else:
-            instructions["all_candidates_too_long"] += 1
+    for chunk in group_chunks(groups, RENDER_BATCH):
+        rendered = iter(render_pairs(render, [(g, c) for g in chunk for c in g.candidates], file))
+        for group in chunk:
+            survivors = []
+            for cand in group.candidates:
+                item = next(rendered)
+                fitted = fit_length(item, max_length, over_length)
+                if fitted is None:
+                    candidates["too_long"] += 1
+                    continue
+                truncated += fitted is not item
+                items[(group.key, cand.index)] = fitted
+                survivors.append(cand)
+            if survivors:
+                kept.append(group.with_candidates(survivors))
+            else:
+                instructions["all_candidates_too_long"] += 1
     return RenderedGroups(tuple(kept), items, Drops.of(candidates, instructions), truncated)
 
 

@@ -69,13 +69,14 @@ def shared_prefixes(items: Sequence[Rendered], min_saved: int = SHARE_MIN_SAVED)
     job whose prefix runs once, when that saves at least ``min_saved`` token positions. The last prompt token
     stays with each candidate, since its output predicts the first response token.
     """
-    by_prompt: dict[tuple[int, ...], list[int]] = {}
+    by_prompt: dict[bytes, list[int]] = {}
     for i, item in enumerate(items):
-        by_prompt.setdefault(item.input_ids[: item.start - 1], []).append(i)
+        by_prompt.setdefault(item.input_ids[: item.start - 1].tobytes(), []).append(i)
     jobs, alone = [], []
     for prefix, members in by_prompt.items():
-        if len(prefix) * (len(members) - 1) >= min_saved:
-            jobs.append((len(prefix), members))
+        length = len(prefix) // 4  # int32 ids
+        if length * (len(members) - 1) >= min_saved:
+            jobs.append((length, members))
         else:
             alone += members
     return [(0, sorted(alone))] + jobs if alone else jobs
@@ -143,13 +144,13 @@ class TransformersScorer:
                     progress(sum(len(sub[b].input_ids) for b in batch))
         return results  # type: ignore[return-value]
 
-    def _prefix_cache(self, prefix: tuple[int, ...]) -> Any:
+    def _prefix_cache(self, prefix: Any) -> Any:
         """The key/value cache of a shared prefix, computed once."""
         import torch
 
         self.positions_run += len(prefix)
         with torch.inference_mode():
-            ids = torch.tensor([prefix], device=self.head.weight.device)
+            ids = torch.as_tensor(prefix, dtype=torch.long, device=self.head.weight.device)[None]
             return self.body(input_ids=ids, use_cache=True).past_key_values
 
     def _score_backing_off(self, batch: list[Rendered], shared: int, prefix: Any) -> list[Score]:
@@ -170,15 +171,16 @@ class TransformersScorer:
         """Run the body on ``batch`` (after a ``shared``-token prefix whose cache is ``prefix``), then the head."""
         import copy
 
+        import numpy as np
         import torch
 
         device = self.head.weight.device
         tails = [r.input_ids[shared:] for r in batch]
         # position p predicts token p + 1: response tokens [start, end) are predicted at [start - 1, end - 1)
         rows = torch.cat([torch.full((r.n_tokens,), b) for b, r in enumerate(batch)]).to(device)
-        targets = torch.tensor([t for r in batch for t in r.input_ids[r.start : r.end]], device=device)
+        targets = torch.as_tensor(np.concatenate([r.input_ids[r.start : r.end] for r in batch]), dtype=torch.long, device=device)
         if self.pack and prefix is None:
-            flat = torch.tensor([[t for tail in tails for t in tail]])
+            flat = torch.as_tensor(np.concatenate(tails), dtype=torch.long)[None]
             offsets = torch.tensor([0] + [len(t) for t in tails]).cumsum(0)
             pos = torch.cat([torch.arange(r.start - 1, r.end - 1) + offsets[b] for b, r in enumerate(batch)])
             # no cache: transformers only derives the per-sequence (block-diagonal) mask from position ids without one
@@ -191,7 +193,7 @@ class TransformersScorer:
             mask = torch.zeros((len(batch), shared + width), dtype=torch.long)
             mask[:, :shared] = 1
             for b, tail in enumerate(tails):
-                ids[b, : len(tail)] = torch.tensor(tail)
+                ids[b, : len(tail)] = torch.from_numpy(tail)
                 mask[b, shared : shared + len(tail)] = 1
             inputs = {"input_ids": ids, "attention_mask": mask, "use_cache": False}
             if prefix is not None:

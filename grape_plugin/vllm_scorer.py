@@ -49,7 +49,7 @@ class VLLMScorer:
             cfg = self.cfg
             self.llm = LLM(model=self.name, revision=cfg.revision, dtype=self.dtype, trust_remote_code=cfg.trust_remote_code)
             self.params = SamplingParams(max_tokens=1, prompt_logprobs=0)
-        prompts = [{"prompt_token_ids": list(r.input_ids)} for r in items]
+        prompts = [{"prompt_token_ids": r.input_ids.tolist()} for r in items]
         outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
         scores = []
         for r, out in zip(items, outputs):

@@ -184,7 +184,7 @@ class TrainRenderer:
         if len(item.input_ids) <= self.cutoff_len or not self.truncate:
             return item
         short = labelled_span(*self.cut(group.context, cand.response))
-        if short.input_ids[short.start : short.end] != item.input_ids[item.start : item.start + short.n_tokens]:
+        if short.input_ids[short.start : short.end].tolist() != item.input_ids[item.start : item.start + short.n_tokens].tolist():
             return item  # the cut lost the final turn: max_length decides
         self.truncated += 1
         return short
@@ -269,9 +269,11 @@ class LlamaFactoryHost(Host):
     def finish(self, selection: Selection) -> Selection:
         """Count LLaMA-Factory's truncations; cap each entry at ``max_samples`` rows with whole instructions only,
         so LLaMA-Factory's own ``max_samples`` cut never splits one."""
-        if self.train_renderer and self.train_renderer.truncated:
-            stats = replace(selection.stats, truncated=selection.stats.truncated + self.train_renderer.truncated)
-            selection = replace(selection, stats=stats)
+        from grape_plugin.distributed import all_gather
+
+        truncated = sum(all_gather([self.train_renderer.truncated])) if self.train_renderer else 0  # ranks' shares
+        if truncated:
+            selection = replace(selection, stats=replace(selection.stats, truncated=selection.stats.truncated + truncated))
         limit = self.data_args.max_samples
         if limit is None:
             return selection
