@@ -46,6 +46,21 @@ def all_gather(local: list[T]) -> list[T]:
     return [x for part in parts for x in part]
 
 
+def agreed(fn: Callable[[], T]) -> T:
+    """``fn()`` on every rank; a ``GrapeError`` on any rank is raised on all of them, so that no rank waits forever
+    at the next collective for one that stopped."""
+    from .errors import GrapeError
+
+    try:
+        value, error = fn(), None
+    except GrapeError as exc:
+        value, error = None, str(exc)
+    errors = [e for e in all_gather([error]) if e is not None]
+    if errors:
+        raise GrapeError(errors[0])
+    return value  # type: ignore[return-value]
+
+
 def on_all_ranks(flag: bool) -> bool:
     """Whether ``flag`` holds on every rank (so all ranks take the same branch)."""
     return all(all_gather([flag]))

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Optional, Sequence
 
 from .cache import item_key, open_cache
 from .config import GrapeConfig
-from .distributed import shard
+from .distributed import agreed, shard
 from .errors import GrapeError
 from .formats import Context, Format, Input, detect_format, group_rows
 from .plugins import lookup, registry
@@ -184,8 +184,9 @@ def run_groups(
     try:
         max_length = cfg.max_length or scorer.context_length  # past the model's positions scores mean nothing
         # each rank renders and scores its own instructions; only the outcome and the scores are gathered
-        here = render_groups(shard(grouped.groups, text_size), renderer or make_renderer(scorer, cfg), max_length,
-                             cfg.over_length, file)  # fmt: skip
+        render = renderer or make_renderer(scorer, cfg)
+        mine = shard(grouped.groups, text_size)
+        here = agreed(lambda: render_groups(mine, render, max_length, cfg.over_length, file))
         clock.lap("render")
         scored = score(here.groups, here.items, scorer, cfg)
         rendered = gather_rendered(grouped.groups, here)

@@ -46,3 +46,46 @@ def test_two_ranks_match_one(tmp_path, tiny_model, pool_file):
     import sqlite3
 
     assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM scores").fetchone()[0] == len(expected)
+
+
+FAILING = textwrap.dedent("""
+    import sys
+    import torch.distributed as dist
+    from grape_plugin import GrapeConfig, GrapeError, hookimpl, run
+    from grape_plugin.plugins import load_plugins
+    from grape_plugin.render import paper_renderer
+
+    class Picky:
+        @hookimpl
+        def grape_register_renderers(self, register):
+            def factory(tokenizer, cfg):
+                paper = paper_renderer(tokenizer)
+
+                def render(group, cand):
+                    if group.key == "ae-001":
+                        raise GrapeError("cannot render this one")
+                    return paper(group, cand)
+                return render
+            register("picky", factory)
+
+    load_plugins().register(Picky())
+    dist.init_process_group("gloo")
+    try:
+        run(sys.argv[1], GrapeConfig(model=sys.argv[2], cache_dir=None, template="picky"))
+    except GrapeError as exc:
+        print(f"rank {dist.get_rank()}: {exc}", flush=True)
+        sys.exit(2)
+""")
+
+
+def test_an_error_on_one_rank_stops_every_rank(tmp_path, tiny_model, pool_file):
+    """Each rank renders its own instructions: a bad one on one rank must not leave the other waiting forever."""
+    script = tmp_path / "fail.py"
+    script.write_text(FAILING)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           str(script), str(pool_file), str(tiny_model)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    lines = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
+    assert [line[:7] for line in lines] == ["rank 0:", "rank 1:"]
+    assert all(line.endswith("pool.jsonl: row 9: field 'response': cannot render this one") for line in lines)
