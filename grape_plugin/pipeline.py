@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-from .cache import item_key, open_cache
+from .cache import Entry, item_key, open_cache
 from .config import GrapeConfig
 from .distributed import shard
 from .errors import GrapeError
@@ -103,11 +103,10 @@ def score(groups: Sequence, items: dict[RenderedKey, Rendered], scorer: Scorer, 
     from .distributed import all_gather, rank_world
 
     mine = [(g.key, c.index) for g in groups if needs_scores(g, cfg) for c in g.candidates]
-    cache = open_cache(cfg.cache_dir, scorer.identity)
+    cache = open_cache(cfg.cache_dir, scorer.identity, rank_world()[0])
     keys = {w: item_key(scorer.identity, items[w]) for w in mine}
-    cached = cache.get_many(list(keys.values())) if cache else {}
-    usable = lambda s: s.token_logprobs is not None or not cfg.keep_token_scores  # noqa: E731
-    found = [(w, kept_part(cached[keys[w]], cfg)) for w in mine if keys[w] in cached and usable(cached[keys[w]])]
+    cached = {k: e.score for k, e in cache.get_many(keys.values()).items() if e.score} if cache else {}
+    found = [(w, kept_part(cached[keys[w]], cfg)) for w in mine if usable(cached.get(keys[w]), cfg)]
     todo = [w for w in mine if w not in dict(found)]
     fresh_here: list[tuple[RenderedKey, Score]] = []
     size = lambda ws: sum(len(items[w].input_ids) for w in ws)  # noqa: E731
@@ -116,7 +115,7 @@ def score(groups: Sequence, items: dict[RenderedKey, Rendered], scorer: Scorer, 
             fresh = [kept_part(s, cfg) for s in scorer.score([items[w] for w in chunk], progress=bar.update)]
             fresh_here += zip(chunk, fresh)
             if cache:
-                cache.put_many((keys[w], s) for w, s in zip(chunk, fresh))
+                cache.put_many((keys[w], Entry(s, len(items[w].input_ids))) for w, s in zip(chunk, fresh))
     if cache:
         cache.close()
     scores = dict(all_gather(found + fresh_here))
@@ -143,6 +142,11 @@ def text_size(group: Group) -> int:
     """An estimate of a group's tokens before rendering: its characters, the prompt once per candidate."""
     prompt = sum(len(m["content"]) for m in group.prompt)
     return sum(prompt + len(c.response) for c in group.candidates)
+
+
+def usable(score: Optional[Score], cfg: GrapeConfig) -> bool:
+    """Whether a cached score serves this run: it has the per-token arrays when they are kept."""
+    return score is not None and (score.token_logprobs is not None or not cfg.keep_token_scores)
 
 
 def kept_part(score: Score, cfg: GrapeConfig) -> Score:

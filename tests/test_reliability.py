@@ -7,7 +7,6 @@ import json
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import pytest
 from tests.helpers import pool_rows, write_jsonl
 
 from grape_plugin import GrapeConfig, GrapeError, read, run
+from grape_plugin.cache import records
 from grape_plugin.cli import main
 
 
@@ -33,11 +33,7 @@ def test_kill_9_during_scoring_then_resume(tmp_path, tiny_model):
     committed, deadline = 0, time.time() + 240
     while committed == 0 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-        for db in cache.glob("*.sqlite"):
-            try:
-                committed = sqlite3.connect(db, timeout=1).execute("SELECT COUNT(*) FROM scores").fetchone()[0]
-            except sqlite3.OperationalError:
-                pass  # table not created yet
+        committed = sum(1 for part in cache.glob("*/*.grs") for _ in records(part))
     assert proc.poll() is None, "the run finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
