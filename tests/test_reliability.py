@@ -73,6 +73,27 @@ def test_too_long_responses_and_emptied_instructions_are_counted(tmp_path, tiny_
     assert sel.drops.candidates["too_long"] == 3 and sel.drops.instructions["all_candidates_too_long"] == 1
 
 
+def test_a_rerun_renders_nothing_and_counts_the_same_drops_and_cuts(tmp_path, tiny_model, monkeypatch):
+    import grape_plugin.pipeline as pipeline
+
+    rows = [{"id": "a", "instruction": "Say hi", "output": "hi"}, {"id": "a", "instruction": "Say hi", "output": "hello " * 200},
+            {"id": "b", "instruction": "Write", "output": "word " * 200}, {"id": "b", "instruction": "Write", "output": "text " * 200},
+            {"id": "c", "instruction": "Greet", "output": "hey"}, {"id": "c", "instruction": "Greet", "output": "good day"}]
+    path = write_jsonl(tmp_path / "long.jsonl", rows)
+    rendered, real = [], pipeline.render_groups
+    monkeypatch.setattr(pipeline, "render_groups", lambda groups, *a: rendered.extend(groups) or real(groups, *a))
+    for policy in ("drop", "truncate"):
+        cfg = GrapeConfig(model=str(tiny_model), cache_dir=tmp_path / "cache", max_length=64, over_length=policy)
+        _, first = run(path, cfg)
+        assert len(rendered) == 3 and first.stats.scored > 0
+        rendered.clear()
+        _, again = run(path, cfg)
+        assert not rendered and again.stats.scored == 0 and again.stats.cached == first.stats.scored
+        assert (again.kept, again.drops, again.stats.truncated, again.stats.tokens) == (
+            first.kept, first.drops, first.stats.truncated, first.stats.tokens)
+        assert (again.stats.truncated, again.drops.candidates.get("too_long")) == ((3, None) if policy == "truncate" else (0, 3))
+
+
 def test_tokenizer_without_pad_token_scores_padded_batches(tiny_model, pool_file):
     from grape_plugin.models import load_model
 
