@@ -324,6 +324,25 @@ def write(data: FileInput, selection: Selection, out_dir: str | Path) -> dict[st
     return {"selected": write_dataset(data.selected(selection), out, "selected", data.path), **write_report(selection, out)}
 
 
+def score_rows(selection: Selection) -> Iterator[dict[str, Any]]:
+    """One ``scores.jsonl`` row per candidate, in group order, made as they are written (no table is built)."""
+    for g in selection.groups:
+        kept = set(selection.kept.get(g.key, ()))
+        for c in g.candidates:
+            s = selection.scores.get((g.key, c.index))
+            yield {
+                "group": g.key,
+                "index": c.index,
+                "part": c.part,
+                "row": c.row,
+                "source": c.source,
+                "score": None if s is None else s.mean,
+                "logprob_sum": None if s is None else s.logprob_sum,
+                "n_tokens": None if s is None else s.n_tokens,
+                "selected": c.index in kept,
+            }
+
+
 def write_report(selection: Selection, out_dir: str | Path) -> dict[str, Path]:
     """``scores.jsonl`` (one row per candidate), ``report.json`` (the summary) and ``report.html`` (charts and a
     browsable table) in ``out_dir``; every host calls this."""
@@ -332,24 +351,9 @@ def write_report(selection: Selection, out_dir: str | Path) -> dict[str, Path]:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    kept = {(k, i) for k, idx in selection.kept.items() for i in idx}
     paths = {"scores": out / "scores.jsonl", "report": out / "report.json"}
     with open(paths["scores"], "w", encoding="utf-8") as fh:
-        for g in selection.groups:
-            for c in g.candidates:
-                s = selection.scores.get((g.key, c.index))
-                row = {
-                    "group": g.key,
-                    "index": c.index,
-                    "part": c.part,
-                    "row": c.row,
-                    "source": c.source,
-                    "score": None if s is None else s.mean,
-                    "logprob_sum": None if s is None else s.logprob_sum,
-                    "n_tokens": None if s is None else s.n_tokens,
-                    "selected": (g.key, c.index) in kept,
-                }
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in score_rows(selection))
     paths["report"].write_text(json.dumps(summary(selection), indent=2, ensure_ascii=False) + "\n")
     paths["html"] = write_html(selection, out / "report.html")
     return paths
