@@ -189,8 +189,8 @@ def score(here: Resolved, scorer: Scorer, cfg: GrapeConfig, cache: Optional[Scor
 
     items, known = here.rendered.items, here.known
     mine = [(g.key, c.index) for g in here.rendered.groups if needs_scores(g, cfg) for c in g.candidates]
-    found = [(w, kept_part(known[w].score, cfg)) for w in mine if w in known and usable(known[w].score, cfg)]
-    todo = [w for w in mine if w not in dict(found)]
+    found = {w: kept_part(known[w].score, cfg) for w in mine if w in known and usable(known[w].score, cfg)}
+    todo = [w for w in mine if w not in found]
     fresh_here: list[tuple[RenderedKey, Score]] = []
     size = lambda ws: sum(here.n_ids(w) for w in ws)  # noqa: E731
     with tqdm(total=size(todo), unit="tok", desc="scoring", disable=not todo or rank_world()[0] != 0) as bar:
@@ -200,7 +200,7 @@ def score(here: Resolved, scorer: Scorer, cfg: GrapeConfig, cache: Optional[Scor
             if cache:
                 cache.put_many((here.keys[w], Entry(s, len(items[w].input_ids), w in here.rendered.cut))
                                for w, s in zip(chunk, fresh))  # fmt: skip
-    scores = dict(all_gather(found + fresh_here))
+    scores = dict(all_gather([*found.items(), *fresh_here]))
     n_here = size((g.key, c.index) for g in here.rendered.groups for c in g.candidates)
     n_todo, n_mine, tokens_todo, tokens = map(sum, zip(*all_gather([(len(todo), len(mine), size(todo), n_here)])))
     return Scored(scores, n_todo, n_mine - n_todo, tokens_todo, tokens, n_here, len(todo))
