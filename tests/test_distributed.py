@@ -46,3 +46,6 @@ def test_two_ranks_match_one(tmp_path, tiny_model, pool_file):
 
     parts = list((tmp_path / "cache2").glob("*/*.grs"))  # one file per rank, each with only its own records
     assert len(parts) == 2 and sum(1 for p in parts for _ in records(p)) == len(expected)
+    # one rank resumes from what two wrote: every score comes from the cache, the selection is the same
+    _, resumed = run(pool_file, GrapeConfig(model=str(tiny_model), cache_dir=tmp_path / "cache2"))
+    assert (resumed.stats.scored, resumed.stats.cached, resumed.kept) == (0, len(expected), single.kept)
