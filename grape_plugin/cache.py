@@ -1,83 +1,158 @@
-"""A score store on disk: SQLite, keyed by the model identity and the exact token ids and span scored.
+"""A score store on disk that many processes and nodes can share: append-only files, one per writer.
 
-The key covers everything a score depends on (weights, dtype, template and rendering settings all show
-up in the identity or the ids), so changing ``top_k`` or a budget rescores nothing, and a run that died
-resumes where it stopped: every batch is committed as it finishes. Plain data, no pickle; WAL mode lets
-several ranks write at once. A file that is not a healthy database is moved aside and rebuilt.
+Layout: ``cache_dir/<hash of the model identity>/<host>-<pid>-r<rank>-<start>.grs``. Each process creates its own
+file exclusively (one per process and run) and only ever appends to it, so nothing needs a lock and nothing is
+rewritten: it works on a node-local disk and on the network file systems several nodes share (SQLite's write-ahead
+log does not). When a run starts, every file of the identity is read: all ranks' and all earlier runs', whatever
+their number of ranks, so a run resumes after a crash with any number of ranks.
 
-Per-token log-probabilities and ranks are BLOBs of little-endian float32 / int32 (NULL when not kept). The layout
-is versioned with ``PRAGMA user_version``: a file written by an older layout has its table rebuilt.
+File: ``MAGIC``, the schema (u32), then records: u32 payload length, u32 CRC-32 of the payload, payload = 32-byte
+key, f64 sum of log-probabilities, i32 response tokens, i32 rendered tokens (0: too long, dropped), u8 flags, then
+the per-token float32 log-probabilities and int32 ranks when kept (all little-endian). A record cut short or failing
+its checksum (a process killed mid-write, a damaged disk) ends the reading of that file: the complete records
+before it are used, the rest is never trusted. Plain data, no pickle. Files of another schema are ignored with a
+log line, and so are the SQLite caches of earlier versions (``<hash>.sqlite``): their scores are computed again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import sqlite3
+import os
+import socket
+import struct
+import time
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional
+from typing import BinaryIO, Iterable, Iterator, Optional
 
 from .render import Rendered
 from .scoring import Score
 
 log = logging.getLogger(__name__)
-SCHEMA = 2  # 1: sums and counts only; 2: plus per-token log-probabilities and ranks
+SCHEMA = 3  # 1, 2: SQLite (sums and counts; plus per-token arrays); 3: append-only record files
+MAGIC = b"GRAPE-SC"
+HEAD = struct.Struct("<8sI")  # magic, schema
+FRAME = struct.Struct("<II")  # payload length, CRC-32 of the payload
+RECORD = struct.Struct("<32sdiiB")  # key, logprob_sum, n_tokens, n_ids, flags
+SCORED, LOGPROBS, RANKS, TRUNCATED = 1, 2, 4, 8
+SUFFIX = ".grs"
 
 
-def item_key(identity: str, item: Rendered) -> str:
+@dataclass(frozen=True)
+class Entry:
+    """What the cache holds for one candidate: its score (None when it was not scored: too long, or in an instruction
+    that needed no scores), its rendered length after ``max_length`` (0: too long, dropped) and whether it was cut."""
+
+    score: Optional[Score]
+    n_ids: int = 0
+    truncated: bool = False
+
+    @property
+    def rank(self) -> tuple[bool, bool]:
+        """Of two entries for one key, the one that knows more wins."""
+        return self.score is not None, self.score is not None and self.score.token_logprobs is not None
+
+
+def item_key(identity: str, item: Rendered) -> bytes:
+    """The key of a rendered candidate: the model identity, the token ids and the scored span."""
     head = f"{identity}\n{item.start}:{item.end}\n".encode()
-    return hashlib.sha256(head + item.input_ids.astype("<i4", copy=False).tobytes()).hexdigest()
+    return hashlib.sha256(head + item.input_ids.astype("<i4", copy=False).tobytes()).digest()
+
+
+def encode(key: bytes, entry: Entry) -> bytes:
+    s = entry.score
+    arrays = [] if s is None else [a for a in (s.token_logprobs, s.token_ranks) if a is not None]
+    flags = (SCORED * (s is not None) | LOGPROBS * (s is not None and s.token_logprobs is not None)
+             | RANKS * (s is not None and s.token_ranks is not None) | TRUNCATED * entry.truncated)  # fmt: skip
+    payload = RECORD.pack(key, s.logprob_sum if s else 0.0, s.n_tokens if s else 0, entry.n_ids, flags) + b"".join(arrays)
+    return FRAME.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def decode(payload: bytes) -> Entry:
+    _, total, n_tokens, n_ids, flags = RECORD.unpack_from(payload)
+    at, size = RECORD.size, 4 * n_tokens
+    logprobs = payload[at : at + size] if flags & LOGPROBS else None
+    at += size * bool(flags & LOGPROBS)
+    ranks = payload[at : at + size] if flags & RANKS else None
+    score = Score(total, n_tokens, logprobs, ranks) if flags & SCORED else None
+    return Entry(score, n_ids, bool(flags & TRUNCATED))
+
+
+def records(path: Path) -> Iterator[tuple[bytes, bytes]]:
+    """(key, payload) of each complete, intact record of one file, read a record at a time."""
+    with open(path, "rb") as fh:
+        head = fh.read(HEAD.size)
+        if len(head) < HEAD.size or HEAD.unpack(head) != (MAGIC, SCHEMA):
+            log.info("score cache: %s is not a schema-%d file; ignored", path, SCHEMA)
+            return
+        while frame := fh.read(FRAME.size):
+            length, crc = FRAME.unpack(frame) if len(frame) == FRAME.size else (0, 0)
+            payload = fh.read(length) if length >= RECORD.size else b""
+            if len(payload) < max(length, RECORD.size):
+                log.info("score cache: %s ends in an incomplete record (a write in progress or killed); "
+                         "the records before it are used", path)  # fmt: skip
+                return
+            if zlib.crc32(payload) != crc:
+                log.warning("score cache: %s has a damaged record at byte %d; the rest of that file is ignored",
+                            path, fh.tell() - length - FRAME.size)  # fmt: skip
+                return
+            yield payload[:32], payload
 
 
 class ScoreCache:
-    """Scores for one model identity, in ``cache_dir/<hash of identity>.sqlite``."""
+    """Entries for one model identity, in ``cache_dir/<hash of identity>/``: this process appends to its own file."""
 
-    def __init__(self, cache_dir: Path, identity: str):
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        self.identity = identity
-        self.path = cache_dir / (hashlib.sha256(identity.encode()).hexdigest()[:24] + ".sqlite")
-        try:
-            self.db = self._open()
-        except sqlite3.DatabaseError as exc:
-            broken = self.path.with_suffix(".corrupt")
-            log.warning("score cache %s is damaged (%s); moved to %s and rebuilt", self.path, exc, broken)
-            self.path.replace(broken)
-            self.db = self._open()
+    def __init__(self, cache_dir: Path, identity: str, rank: int = 0):
+        name = hashlib.sha256(identity.encode()).hexdigest()[:24]
+        self.identity, self.rank = identity, rank
+        self.folder = cache_dir / name
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.out: Optional[BinaryIO] = None
+        if (cache_dir / f"{name}.sqlite").exists():
+            log.info("score cache: %s is an older SQLite cache; ignored (its scores are computed again)",
+                     cache_dir / f"{name}.sqlite")  # fmt: skip
 
-    def _open(self) -> sqlite3.Connection:
-        db = sqlite3.connect(self.path, timeout=60)
-        if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
-            db.close()
-            raise sqlite3.DatabaseError("quick_check failed")
-        db.execute("PRAGMA journal_mode=WAL")
-        with db:
-            db.execute("BEGIN IMMEDIATE")  # one process migrates an old file; the others wait and see the result
-            if db.execute("PRAGMA user_version").fetchone()[0] < SCHEMA:
-                db.execute("DROP TABLE IF EXISTS scores")  # an older layout: its scores are computed again
-                db.execute(f"PRAGMA user_version={SCHEMA}")
-            db.execute(
-                "CREATE TABLE IF NOT EXISTS scores "
-                "(key TEXT PRIMARY KEY, logprob_sum REAL, n_tokens INTEGER, logprobs BLOB, ranks BLOB)"
-            )
-        return db
+    def files(self) -> list[Path]:
+        return sorted(self.folder.glob("*" + SUFFIX))
 
-    def get_many(self, keys: list[str]) -> dict[str, Score]:
-        found: dict[str, Score] = {}
-        for at in range(0, len(keys), 500):
-            part = keys[at : at + 500]
-            marks = ",".join("?" * len(part))
-            for key, *values in self.db.execute(f"SELECT * FROM scores WHERE key IN ({marks})", part):
-                found[key] = Score(*values)
+    def get_many(self, keys: Iterable[bytes]) -> dict[bytes, Entry]:
+        """The entries of ``keys`` found in every file of this identity."""
+        wanted, found = set(keys), {}
+        for path in self.files():
+            try:
+                for key, payload in records(path):
+                    if key in wanted:
+                        entry = decode(payload)
+                        if key not in found or entry.rank >= found[key].rank:
+                            found[key] = entry
+            except FileNotFoundError:
+                pass  # removed since listed (a compaction): its records are in the newer file
         return found
 
-    def put_many(self, pairs: Iterable[tuple[str, Score]]) -> None:
-        rows = [(k, s.logprob_sum, s.n_tokens, s.token_logprobs, s.token_ranks) for k, s in pairs]
-        with self.db:
-            self.db.executemany("INSERT OR REPLACE INTO scores VALUES (?, ?, ?, ?, ?)", rows)
+    def put_many(self, pairs: Iterable[tuple[bytes, Entry]]) -> None:
+        """Append entries to this process's file (created on first use) and sync it to disk."""
+        data = b"".join(encode(k, e) for k, e in pairs)
+        if not data:
+            return
+        if self.out is None:
+            self.out = self._create()
+        self.out.write(data)
+        self.out.flush()
+        os.fsync(self.out.fileno())
+
+    def _create(self) -> BinaryIO:
+        stem = f"{socket.gethostname()}-{os.getpid()}-r{self.rank}-{time.time_ns()}"
+        fh = open(self.folder / (stem + SUFFIX), "xb")  # noqa: SIM115 (open for the run; closed by close())
+        fh.write(HEAD.pack(MAGIC, SCHEMA))
+        return fh
 
     def close(self) -> None:
-        self.db.close()
+        if self.out is not None:
+            self.out.close()
+            self.out = None
 
 
-def open_cache(cache_dir: Optional[Path], identity: str) -> Optional[ScoreCache]:
-    return None if cache_dir is None else ScoreCache(Path(cache_dir), identity)
+def open_cache(cache_dir: Optional[Path], identity: str, rank: int = 0) -> Optional[ScoreCache]:
+    return None if cache_dir is None else ScoreCache(Path(cache_dir), identity, rank)

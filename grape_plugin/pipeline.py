@@ -6,19 +6,21 @@ says where the groups come from, how a candidate is rendered and how the scoring
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
-from .cache import item_key, open_cache
+from .cache import Entry, ScoreCache, item_key, open_cache
 from .config import GrapeConfig
-from .distributed import agreed, shard
+from .distributed import agreed, rank_world, shard
 from .errors import GrapeError
 from .formats import Context, Format, Input, detect_format, group_rows
 from .plugins import lookup, registry
-from .records import Drops, Group, Grouped, Score, Selection, Stats
+from .records import Drops, Group, Grouped, Score, Selection, Stats, prompt_key
 from .render import Rendered, RenderedGroups, RenderedKey, Renderer, render_groups
 from .scoring import Scorer
 from .selection import needs_scores, select
@@ -80,6 +82,20 @@ class Stopwatch:
 
 
 @dataclass(frozen=True)
+class Resolved:
+    """This rank's candidates after ``max_length``: rendered (``rendered.items``) or known from the cache
+    (``known``: their outcome and score, with no need to render them), and each one's cache key."""
+
+    rendered: RenderedGroups
+    known: dict[RenderedKey, Entry]
+    keys: dict[RenderedKey, bytes]
+
+    def n_ids(self, w: RenderedKey) -> int:
+        item = self.rendered.items.get(w)
+        return self.known[w].n_ids if item is None else len(item.input_ids)
+
+
+@dataclass(frozen=True)
 class Scored:
     """Every wanted candidate's score, and how they were obtained."""
 
@@ -92,43 +108,108 @@ class Scored:
     scored_by_this_rank: int
 
 
-def score(groups: Sequence, items: dict[RenderedKey, Rendered], scorer: Scorer, cfg: GrapeConfig) -> Scored:
-    """Score the candidates of every group that needs it, through the on-disk cache.
+def render_prefix(identity: str, render: Renderer, max_length: Optional[int], over_length: str) -> Optional[str]:
+    """What every cache key of a renderer with a ``key`` starts with: all a candidate's tokens depend on but its
+    own text (None for a renderer without a key: its candidates are keyed by their token ids, once rendered)."""
+    key = getattr(render, "key", None)
+    return None if key is None else f"{identity}\n{key}\n{max_length}\n{over_length}\n"
+
+
+def text_keys(prefix: str, group: Group) -> list[bytes]:
+    """The cache key of each candidate, from its text and its instruction's (prompt and context)."""
+    head = hashlib.sha256(f"{prefix}{prompt_key(group.prompt, group.context)}\n".encode())
+    keys = []
+    for cand in group.candidates:
+        h = head.copy()
+        h.update(cand.response.encode())
+        keys.append(h.digest())
+    return keys
+
+
+def cached_entries(cache: ScoreCache, keys: dict[RenderedKey, bytes]) -> dict[RenderedKey, Entry]:
+    found = cache.get_many(keys.values())
+    return {w: found[k] for w, k in keys.items() if k in found}
+
+
+def resolve(groups: Sequence[Group], render: Renderer, identity: str, cfg: GrapeConfig, max_length: Optional[int],
+            cache: Optional[ScoreCache], file: str) -> Resolved:  # fmt: skip
+    """Render the candidates of ``groups`` that the cache cannot answer for, and apply ``max_length``.
+
+    With a keyed renderer, an instruction is answered from the cache when every candidate's outcome is cached (too
+    long, or its rendered length) and, if it needs scores, every survivor's usable score: nothing of it is
+    rendered. Any other instruction is rendered whole; its candidates not scored in the end (too long, or in an
+    instruction that needs no scores) get an outcome-only entry, so that a rerun need not render them."""
+    prefix = None if cache is None else render_prefix(identity, render, max_length, cfg.over_length)
+    if prefix is None:
+        rendered = render_groups(groups, render, max_length, cfg.over_length, file)
+        if cache is None:
+            return Resolved(rendered, {}, {})
+        keys = {w: item_key(identity, item) for w, item in rendered.items.items()}
+        return Resolved(rendered, cached_entries(cache, keys), keys)
+    keys = {(g.key, c.index): k for g in groups for c, k in zip(g.candidates, text_keys(prefix, g))}
+    known = cached_entries(cache, keys)
+
+    def answered(g: Group) -> bool:
+        fits = g.with_candidates(c for c in g.candidates if known[(g.key, c.index)].n_ids)
+        return not needs_scores(fits, cfg) or all(usable(known[(g.key, c.index)].score, cfg) for c in fits.candidates)
+
+    todo = {g.key for g in groups if not all((g.key, c.index) in known for c in g.candidates) or not answered(g)}
+    fresh = render_groups([g for g in groups if g.key in todo], render, max_length, cfg.over_length, file)
+    outcomes = [((g.key, c.index), fresh.items.get((g.key, c.index))) for g in groups if g.key in todo
+                for c in g.candidates]  # fmt: skip
+    scored = {(g.key, c.index) for g in fresh.groups if needs_scores(g, cfg) for c in g.candidates}
+    cache.put_many((keys[w], Entry(None, 0 if item is None else len(item.input_ids), w in fresh.cut))
+                   for w, item in outcomes if w not in scored)  # fmt: skip
+    kept, candidates, instructions, cut = [], Counter(), Counter(), set(fresh.cut)
+    by_key = {g.key: g for g in fresh.groups}
+    for g in groups:
+        if g.key in todo:
+            kept += [by_key[g.key]] if g.key in by_key else []
+            continue
+        fits = g.with_candidates(c for c in g.candidates if known[(g.key, c.index)].n_ids)
+        candidates["too_long"] += len(g.candidates) - len(fits.candidates)
+        cut |= {(g.key, c.index) for c in fits.candidates if known[(g.key, c.index)].truncated}
+        if fits.candidates:
+            kept.append(fits)
+        else:
+            instructions["all_candidates_too_long"] += 1
+    drops = fresh.drops + Drops.of(candidates, instructions)
+    return Resolved(RenderedGroups(tuple(kept), fresh.items, drops, len(cut), frozenset(cut)), known, keys)
+
+
+def score(here: Resolved, scorer: Scorer, cfg: GrapeConfig, cache: Optional[ScoreCache]) -> Scored:
+    """Score the candidates of every group that needs it, those the cache does not hold, appending to the cache.
 
     Under ``torch.distributed`` each rank passes its own share of the instructions (see ``run_groups``) and every
     rank gets all scores. The scorer loads its weights only if this rank has something left to score.
     """
     from tqdm.auto import tqdm
 
-    from .distributed import all_gather, rank_world
+    from .distributed import all_gather
 
-    mine = [(g.key, c.index) for g in groups if needs_scores(g, cfg) for c in g.candidates]
-    cache = open_cache(cfg.cache_dir, scorer.identity)
-    keys = {w: item_key(scorer.identity, items[w]) for w in mine}
-    cached = cache.get_many(list(keys.values())) if cache else {}
-    usable = lambda s: s.token_logprobs is not None or not cfg.keep_token_scores  # noqa: E731
-    found = [(w, kept_part(cached[keys[w]], cfg)) for w in mine if keys[w] in cached and usable(cached[keys[w]])]
-    todo = [w for w in mine if w not in dict(found)]
+    items, known = here.rendered.items, here.known
+    mine = [(g.key, c.index) for g in here.rendered.groups if needs_scores(g, cfg) for c in g.candidates]
+    found = {w: kept_part(known[w].score, cfg) for w in mine if w in known and usable(known[w].score, cfg)}
+    todo = [w for w in mine if w not in found]
     fresh_here: list[tuple[RenderedKey, Score]] = []
-    size = lambda ws: sum(len(items[w].input_ids) for w in ws)  # noqa: E731
+    size = lambda ws: sum(here.n_ids(w) for w in ws)  # noqa: E731
     with tqdm(total=size(todo), unit="tok", desc="scoring", disable=not todo or rank_world()[0] != 0) as bar:
         for chunk in commit_chunks(todo, items, COMMIT_BATCHES * cfg.batch_tokens):
             fresh = [kept_part(s, cfg) for s in scorer.score([items[w] for w in chunk], progress=bar.update)]
             fresh_here += zip(chunk, fresh)
             if cache:
-                cache.put_many((keys[w], s) for w, s in zip(chunk, fresh))
-    if cache:
-        cache.close()
-    scores = dict(all_gather(found + fresh_here))
-    here = size(items)
-    n_todo, n_mine, tokens_todo, tokens = map(sum, zip(*all_gather([(len(todo), len(mine), size(todo), here)])))
-    return Scored(scores, n_todo, n_mine - n_todo, tokens_todo, tokens, here, len(todo))
+                cache.put_many((here.keys[w], Entry(s, len(items[w].input_ids), w in here.rendered.cut))
+                               for w, s in zip(chunk, fresh))  # fmt: skip
+    scores = dict(all_gather([*found.items(), *fresh_here]))
+    n_here = size((g.key, c.index) for g in here.rendered.groups for c in g.candidates)
+    n_todo, n_mine, tokens_todo, tokens = map(sum, zip(*all_gather([(len(todo), len(mine), size(todo), n_here)])))
+    return Scored(scores, n_todo, n_mine - n_todo, tokens_todo, tokens, n_here, len(todo))
 
 
 def gather_rendered(groups: Sequence[Group], rendered: RenderedGroups) -> RenderedGroups:
     """Every rank's rendering outcome over all ``groups`` (survivors, drops, truncations), without the token ids:
     each rank keeps only its own."""
-    from .distributed import all_gather, rank_world
+    from .distributed import all_gather
 
     if rank_world()[1] == 1:
         return rendered
@@ -143,6 +224,11 @@ def text_size(group: Group) -> int:
     """An estimate of a group's tokens before rendering: its characters, the prompt once per candidate."""
     prompt = sum(len(m["content"]) for m in group.prompt)
     return sum(prompt + len(c.response) for c in group.candidates)
+
+
+def usable(score: Optional[Score], cfg: GrapeConfig) -> bool:
+    """Whether a cached score serves this run: it has the per-token arrays when they are kept."""
+    return score is not None and (score.token_logprobs is not None or not cfg.keep_token_scores)
 
 
 def kept_part(score: Score, cfg: GrapeConfig) -> Score:
@@ -184,12 +270,16 @@ def run_groups(
     try:
         max_length = cfg.max_length or scorer.context_length  # past the model's positions scores mean nothing
         # each rank renders and scores its own instructions; only the outcome and the scores are gathered
-        render = renderer or make_renderer(scorer, cfg)
-        mine = shard(grouped.groups, text_size)
-        here = agreed(lambda: render_groups(mine, render, max_length, cfg.over_length, file))
-        clock.lap("render")
-        scored = score(here.groups, here.items, scorer, cfg)
-        rendered = gather_rendered(grouped.groups, here)
+        cache = open_cache(cfg.cache_dir, scorer.identity, rank_world()[0])
+        try:
+            render, mine = renderer or make_renderer(scorer, cfg), shard(grouped.groups, text_size)
+            here = agreed(lambda: resolve(mine, render, scorer.identity, cfg, max_length, cache, file))
+            clock.lap("render")
+            scored = score(here, scorer, cfg, cache)
+        finally:
+            if cache:
+                cache.close()
+        rendered = gather_rendered(grouped.groups, here.rendered)
         clock.lap("score")
         loaded = scorer.loaded
     finally:
@@ -234,6 +324,25 @@ def write(data: FileInput, selection: Selection, out_dir: str | Path) -> dict[st
     return {"selected": write_dataset(data.selected(selection), out, "selected", data.path), **write_report(selection, out)}
 
 
+def score_rows(selection: Selection) -> Iterator[dict[str, Any]]:
+    """One ``scores.jsonl`` row per candidate, in group order, made as they are written (no table is built)."""
+    for g in selection.groups:
+        kept = set(selection.kept.get(g.key, ()))
+        for c in g.candidates:
+            s = selection.scores.get((g.key, c.index))
+            yield {
+                "group": g.key,
+                "index": c.index,
+                "part": c.part,
+                "row": c.row,
+                "source": c.source,
+                "score": None if s is None else s.mean,
+                "logprob_sum": None if s is None else s.logprob_sum,
+                "n_tokens": None if s is None else s.n_tokens,
+                "selected": c.index in kept,
+            }
+
+
 def write_report(selection: Selection, out_dir: str | Path) -> dict[str, Path]:
     """``scores.jsonl`` (one row per candidate), ``report.json`` (the summary) and ``report.html`` (charts and a
     browsable table) in ``out_dir``; every host calls this."""
@@ -242,24 +351,9 @@ def write_report(selection: Selection, out_dir: str | Path) -> dict[str, Path]:
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    kept = {(k, i) for k, idx in selection.kept.items() for i in idx}
     paths = {"scores": out / "scores.jsonl", "report": out / "report.json"}
     with open(paths["scores"], "w", encoding="utf-8") as fh:
-        for g in selection.groups:
-            for c in g.candidates:
-                s = selection.scores.get((g.key, c.index))
-                row = {
-                    "group": g.key,
-                    "index": c.index,
-                    "part": c.part,
-                    "row": c.row,
-                    "source": c.source,
-                    "score": None if s is None else s.mean,
-                    "logprob_sum": None if s is None else s.logprob_sum,
-                    "n_tokens": None if s is None else s.n_tokens,
-                    "selected": (g.key, c.index) in kept,
-                }
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+        fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in score_rows(selection))
     paths["report"].write_text(json.dumps(summary(selection), indent=2, ensure_ascii=False) + "\n")
     paths["html"] = write_html(selection, out / "report.html")
     return paths

@@ -9,8 +9,10 @@ token may carry the separator before it (BPE merges " Hello" into one token). To
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from .errors import GrapeError, input_error
@@ -75,12 +77,30 @@ def render_text(tokenizer: Any, text: str, char_start: int, char_end: int, add_s
     return render_texts(tokenizer, [(text, char_start, char_end)], add_special_tokens)[0]
 
 
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """A hash of everything a tokenizer's output depends on: its whole definition (vocabulary, merges, normaliser,
+    special tokens) and its chat template."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else repr(sorted(tokenizer.get_vocab().items()))
+    extra = f"{type(tokenizer).__name__}\n{getattr(tokenizer, 'chat_template', None)}\n{tokenizer.special_tokens_map}"
+    return hashlib.sha256(f"{definition}\n{extra}".encode()).hexdigest()[:24]
+
+
 class TextRenderer:
     """A template that turns a candidate into one text (``text(group, candidate)``) and tokenises many texts per
-    tokenizer call (``render_many``); called on one candidate, it is a plain ``Renderer``."""
+    tokenizer call (``render_many``); called on one candidate, it is a plain ``Renderer``.
 
-    def __init__(self, tokenizer: Any, text: Callable[[Group, Candidate], Text], add_special_tokens: bool):
-        self.tokenizer, self.text, self.add_special_tokens = tokenizer, text, add_special_tokens
+    ``key`` identifies what its token ids depend on (the template, the tokenizer, this release's code), so that a
+    candidate's cached outcome is found before it is rendered; a host's renderer may offer one too."""
+
+    def __init__(self, tokenizer: Any, text: Callable[[Group, Candidate], Text], add_special_tokens: bool, name: str):
+        self.tokenizer, self.text, self.add_special_tokens, self.name = tokenizer, text, add_special_tokens, name
+
+    @cached_property
+    def key(self) -> str:
+        from .version import __version__
+
+        return f"{self.name}:{__version__}:{self.add_special_tokens}:{tokenizer_fingerprint(self.tokenizer)}"
 
     def __call__(self, group: Group, cand: Candidate) -> Rendered:
         return self.render_many([(group, cand)])[0]
@@ -105,7 +125,7 @@ def paper_renderer(tokenizer: Any, cfg: Any = None) -> TextRenderer:
         head = paper_prompt(group.prompt)
         return head + cand.response, len(head), len(head) + len(cand.response)
 
-    return TextRenderer(tokenizer, text, True)
+    return TextRenderer(tokenizer, text, True, "paper")
 
 
 def chat_renderer(tokenizer: Any, cfg: Any = None) -> TextRenderer:
@@ -124,7 +144,7 @@ def chat_renderer(tokenizer: Any, cfg: Any = None) -> TextRenderer:
                 return whole, at, at + len(needle)
         raise GrapeError("the chat template changed the response text; cannot locate it to score")
 
-    return TextRenderer(tokenizer, text, False)
+    return TextRenderer(tokenizer, text, False, "chat")
 
 
 IGNORE_INDEX = -100  # the label of positions a host does not train on (Axolotl, LLaMA-Factory, HF)
@@ -169,6 +189,7 @@ class RenderedGroups:
     items: dict[RenderedKey, Rendered]
     drops: Drops
     truncated: int
+    cut: frozenset[RenderedKey] = field(default_factory=frozenset)  # the truncated candidates (this rank's)
 
 
 def render_pairs(render: Renderer, pairs: Sequence[tuple[Group, Candidate]], file: str) -> list[Rendered]:
@@ -208,7 +229,7 @@ def render_groups(
 ) -> RenderedGroups:
     """Render every candidate; apply ``max_length`` (drop or truncate, counted); leave out emptied groups."""
     items: dict[RenderedKey, Rendered] = {}
-    kept, candidates, instructions, truncated = [], Counter(), Counter(), 0
+    kept, candidates, instructions, cut = [], Counter(), Counter(), set()
     for chunk in group_chunks(groups, RENDER_BATCH):
         rendered = iter(render_pairs(render, [(g, c) for g in chunk for c in g.candidates], file))
         for group in chunk:
@@ -219,14 +240,15 @@ def render_groups(
                 if fitted is None:
                     candidates["too_long"] += 1
                     continue
-                truncated += fitted is not item
+                if fitted is not item:
+                    cut.add((group.key, cand.index))
                 items[(group.key, cand.index)] = fitted
                 survivors.append(cand)
             if survivors:
                 kept.append(group.with_candidates(survivors))
             else:
                 instructions["all_candidates_too_long"] += 1
-    return RenderedGroups(tuple(kept), items, Drops.of(candidates, instructions), truncated)
+    return RenderedGroups(tuple(kept), items, Drops.of(candidates, instructions), len(cut), frozenset(cut))
 
 
 @hookimpl

@@ -25,6 +25,7 @@ TABLE_INSTRUCTIONS = 300  # instructions listed in the table; scores.jsonl has t
 RESPONSE_CHARS = 2000  # response text embedded per candidate
 TOP_SOURCES = 20  # sources drawn in the per-source charts
 RASTER_POINTS = 2000  # above this many points, markers are embedded as a bitmap to keep the SVG small
+DENSITY_POINTS = 4000  # a violin's density is estimated from at most this many evenly spaced quantiles
 WIN, OTHER = "#2f6db5", "#9aa3ad"
 
 STYLE = """
@@ -103,6 +104,12 @@ def svg_image(fig: Any) -> str:
     return f'<img class="chart" alt="{alt}" src="data:image/svg+xml;base64,{data}">'
 
 
+def quantiles(values: list[float]) -> list[float]:
+    """At most ``DENSITY_POINTS`` values, evenly spaced through the sorted ``values`` (a density's cost is linear)."""
+    step = -(-len(values) // DENSITY_POINTS)
+    return values if step == 1 else sorted(values)[::step]
+
+
 def source_charts(selection: Selection, pts: list[Point], wins: dict[str, int]) -> list[str]:
     """Candidates kept per source (bars, with candidates offered) and each source's score distribution (violins)."""
     offered = Counter(c.source or "(none)" for g in selection.groups for c in g.candidates)
@@ -128,7 +135,7 @@ def source_charts(selection: Selection, pts: list[Point], wins: dict[str, int]) 
     fig, ax = new_chart("Score distribution per source" + more, height)
     spread = [(y, by_source[s]) for y, s in zip(ys, sources) if len(set(by_source[s])) > 1]
     if spread:  # a density needs two distinct values
-        parts = ax.violinplot([v for _, v in spread], positions=[y for y, _ in spread], orientation="horizontal",
+        parts = ax.violinplot([quantiles(v) for _, v in spread], positions=[y for y, _ in spread], orientation="horizontal",
                               widths=0.8, showmedians=True)
         for body in parts["bodies"]:
             body.set(facecolor=WIN, alpha=0.35)
@@ -153,7 +160,7 @@ def length_chart(pts: list[Point]) -> str:
                    alpha=0.8 if won else 0.5, label=f"{label} ({len(sel)})", rasterized=raster, linewidths=0)
     ax.set_xlabel("response tokens")
     ax.set_ylabel("score")
-    ax.legend(frameon=False, fontsize=8)
+    ax.legend(frameon=False, fontsize=8, loc="lower right" if raster else "best")  # "best" scans every point
     return svg_image(fig)
 
 

@@ -42,10 +42,13 @@ def test_two_ranks_match_one(tmp_path, tiny_model, pool_file):
         assert max(abs(got["scores"][k] - expected[k]) for k in expected) < 1e-5
     # each rank scored its own share of the instructions, into one shared cache
     assert 0 < ranks[0]["mine"] < len(expected) and ranks[0]["mine"] + ranks[1]["mine"] == len(expected)
-    (db,) = (tmp_path / "cache2").glob("*.sqlite")
-    import sqlite3
+    from grape_plugin.cache import records
 
-    assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM scores").fetchone()[0] == len(expected)
+    parts = list((tmp_path / "cache2").glob("*/*.grs"))  # one file per rank, each with only its own records
+    assert len(parts) == 2 and sum(1 for p in parts for _ in records(p)) == len(expected)
+    # one rank resumes from what two wrote: every score comes from the cache, the selection is the same
+    _, resumed = run(pool_file, GrapeConfig(model=str(tiny_model), cache_dir=tmp_path / "cache2"))
+    assert (resumed.stats.scored, resumed.stats.cached, resumed.kept) == (0, len(expected), single.kept)
 
 
 FAILING = textwrap.dedent("""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import pickle
 import sqlite3
@@ -12,7 +13,7 @@ import torch
 from tests.helpers import pool_rows, render_pair
 
 from grape_plugin import GrapeConfig, GrapeError, Score, run
-from grape_plugin.cache import SCHEMA, ScoreCache
+from grape_plugin.cache import SCHEMA, Entry, ScoreCache
 from grape_plugin.cli import main
 from grape_plugin.metrics import fit_function
 from grape_plugin.models import load_model
@@ -87,28 +88,44 @@ def test_every_metric_is_documented_with_its_paper():
 def test_scores_pickle_and_round_trip_the_cache(scored, tmp_path):
     score = scored[0][0]
     assert pickle.loads(pickle.dumps(score)) == score
+    a, b, c, d = (bytes([i]) * 32 for i in range(4))
     cache = ScoreCache(tmp_path, "model-x")
-    cache.put_many([("a", score), ("b", score.without_tokens())])
-    got = cache.get_many(["a", "b", "c"])
+    cache.put_many([(a, Entry(score, 40)), (b, Entry(score.without_tokens(), 30, True)), (d, Entry(None))])
+    cache.put_many([(b, Entry(Score.of(-1.0, 1), 9))])  # a later entry that knows as much wins
     cache.close()
-    assert got["a"] == score and np.array_equal(got["a"].ranks, score.ranks)
-    assert got["b"].logprobs is None and got["b"].mean == score.mean and set(got) == {"a", "b"}
+    got = ScoreCache(tmp_path, "model-x").get_many([a, b, c, d])
+    assert got[a].score == score and np.array_equal(got[a].score.ranks, score.ranks) and got[a].n_ids == 40
+    assert got[b] == Entry(Score(-1.0, 1), 9) and got[d] == Entry(None, 0) and set(got) == {a, b, d}
 
 
-def test_an_old_cache_file_is_rebuilt(tmp_path):
-    path = ScoreCache(tmp_path, "model-x").path
-    path.unlink()
-    old = sqlite3.connect(path)
+def test_an_old_cache_is_ignored(tmp_path):
+    old = sqlite3.connect(tmp_path / (hashlib.sha256(b"model-x").hexdigest()[:24] + ".sqlite"))
     old.execute("CREATE TABLE scores (key TEXT PRIMARY KEY, logprob_sum REAL, n_tokens INTEGER)")
-    old.execute("INSERT INTO scores VALUES ('a', -3.0, 2)")
     old.commit()
     old.close()
+    other = ScoreCache(tmp_path, "model-x").folder / "old.grs"
+    other.write_bytes(b"GRAPE-SC" + (SCHEMA - 1).to_bytes(4, "little") + bytes(80))  # another schema
+    key = bytes(32)
+    assert ScoreCache(tmp_path, "model-x").get_many([key]) == {}
     cache = ScoreCache(tmp_path, "model-x")
-    assert cache.get_many(["a"]) == {}  # no per-token values there: scored again
-    cache.put_many([("a", Score.of(-3.0, 2, [-1, -2], [0, 3]))])
-    assert cache.get_many(["a"])["a"].ranks.tolist() == [0, 3]
-    assert cache.db.execute("PRAGMA user_version").fetchone()[0] == SCHEMA
+    cache.put_many([(key, Entry(Score.of(-3.0, 2, [-1, -2], [0, 3]), 5))])
     cache.close()
+    assert ScoreCache(tmp_path, "model-x").get_many([key])[key].score.ranks.tolist() == [0, 3]
+
+
+def test_a_torn_or_damaged_cache_file_keeps_its_complete_records(tmp_path):
+    cache = ScoreCache(tmp_path, "model-x")
+    keys = [bytes([i]) * 32 for i in range(3)]
+    cache.put_many((k, Entry(Score.of(-i, i + 1, [-1.0] * (i + 1)), 9)) for i, k in enumerate(keys))
+    cache.close()
+    (path,) = cache.files()
+    whole = path.read_bytes()
+    path.write_bytes(whole[:-3])  # killed mid-write: the last record is cut short
+    assert set(ScoreCache(tmp_path, "model-x").get_many(keys)) == set(keys[:2])
+    damaged = bytearray(whole)
+    damaged[-20] ^= 0xFF  # a flipped bit in the last record's arrays
+    path.write_bytes(bytes(damaged))
+    assert set(ScoreCache(tmp_path, "model-x").get_many(keys)) == set(keys[:2])
 
 
 def test_changing_the_metric_runs_no_model(tiny_model, pool_file, tmp_path):

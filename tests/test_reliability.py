@@ -7,7 +7,6 @@ import json
 import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import pytest
 from tests.helpers import pool_rows, write_jsonl
 
 from grape_plugin import GrapeConfig, GrapeError, read, run
+from grape_plugin.cache import records
 from grape_plugin.cli import main
 
 
@@ -33,11 +33,7 @@ def test_kill_9_during_scoring_then_resume(tmp_path, tiny_model):
     committed, deadline = 0, time.time() + 240
     while committed == 0 and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
-        for db in cache.glob("*.sqlite"):
-            try:
-                committed = sqlite3.connect(db, timeout=1).execute("SELECT COUNT(*) FROM scores").fetchone()[0]
-            except sqlite3.OperationalError:
-                pass  # table not created yet
+        committed = sum(1 for part in cache.glob("*/*.grs") for _ in records(part))
     assert proc.poll() is None, "the run finished before it could be killed"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
@@ -75,6 +71,27 @@ def test_too_long_responses_and_emptied_instructions_are_counted(tmp_path, tiny_
     _, sel = run(write_jsonl(tmp_path / "long.jsonl", rows), GrapeConfig(model=str(tiny_model), cache_dir=None, max_length=64))
     assert sel.kept == {"a": (0,)}
     assert sel.drops.candidates["too_long"] == 3 and sel.drops.instructions["all_candidates_too_long"] == 1
+
+
+def test_a_rerun_renders_nothing_and_counts_the_same_drops_and_cuts(tmp_path, tiny_model, monkeypatch):
+    import grape_plugin.pipeline as pipeline
+
+    rows = [{"id": "a", "instruction": "Say hi", "output": "hi"}, {"id": "a", "instruction": "Say hi", "output": "hello " * 200},
+            {"id": "b", "instruction": "Write", "output": "word " * 200}, {"id": "b", "instruction": "Write", "output": "text " * 200},
+            {"id": "c", "instruction": "Greet", "output": "hey"}, {"id": "c", "instruction": "Greet", "output": "good day"}]
+    path = write_jsonl(tmp_path / "long.jsonl", rows)
+    rendered, real = [], pipeline.render_groups
+    monkeypatch.setattr(pipeline, "render_groups", lambda groups, *a: rendered.extend(groups) or real(groups, *a))
+    for policy in ("drop", "truncate"):
+        cfg = GrapeConfig(model=str(tiny_model), cache_dir=tmp_path / "cache", max_length=64, over_length=policy)
+        _, first = run(path, cfg)
+        assert len(rendered) == 3 and first.stats.scored > 0
+        rendered.clear()
+        _, again = run(path, cfg)
+        assert not rendered and again.stats.scored == 0 and again.stats.cached == first.stats.scored
+        assert (again.kept, again.drops, again.stats.truncated, again.stats.tokens) == (
+            first.kept, first.drops, first.stats.truncated, first.stats.tokens)
+        assert (again.stats.truncated, again.drops.candidates.get("too_long")) == ((3, None) if policy == "truncate" else (0, 3))
 
 
 def test_tokenizer_without_pad_token_scores_padded_batches(tiny_model, pool_file):
