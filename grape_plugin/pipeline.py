@@ -260,7 +260,7 @@ def run_groups(
 ) -> Selection:
     """Render, score and select ``grouped``. A host passes its own ``renderer`` and ``scorer``; without them the
     configured template and scorer are used (and the scorer is closed afterwards)."""
-    from .metrics import check_metric
+    from .metrics import check_metric, fit_function
 
     started = time.perf_counter()
     check_metric(cfg)
@@ -302,7 +302,9 @@ def run_groups(
         seconds=round(time.perf_counter() - started, 2),
         stages=clock.laps,
     )
-    return Selection(rendered.groups, scored.scores, kept, drops, stats, grouped.skipped)
+    fit = fit_function(cfg)
+    fits = {w: fit(s) for w, s in scored.scores.items()}
+    return Selection(rendered.groups, scored.scores, kept, drops, stats, grouped.skipped, cfg.metric, fits)
 
 
 def run(path: str | Path, cfg: GrapeConfig, limit: Optional[int] = None, **kwargs: Any) -> tuple[FileInput, Selection]:
@@ -337,6 +339,7 @@ def score_rows(selection: Selection) -> Iterator[dict[str, Any]]:
                 "row": c.row,
                 "source": c.source,
                 "score": None if s is None else s.mean,
+                "fit": selection.fits.get((g.key, c.index)),
                 "logprob_sum": None if s is None else s.logprob_sum,
                 "n_tokens": None if s is None else s.n_tokens,
                 "selected": c.index in kept,

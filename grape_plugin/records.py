@@ -184,6 +184,8 @@ class Selection:
     drops: Drops = Drops()
     stats: Stats = field(default_factory=Stats)
     skipped: tuple[str, ...] = ()  # the first skipped rows' messages
+    metric: str = "mean"  # what candidates were compared by
+    fits: Mapping[tuple[str, int], float] = field(default_factory=dict)  # each scored candidate's value of it
 
     def picks(self) -> list[tuple[Group, Candidate]]:
         """Every kept (group, candidate), in the order of ``kept``."""

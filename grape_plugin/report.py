@@ -41,6 +41,7 @@ def summary(selection: Selection) -> dict[str, Any]:
         "instructions_kept": len(selection.kept),
         "candidates_kept": sum(len(v) for v in selection.kept.values()),
         "instructions_compared": compared,
+        "metric": selection.metric,
         "note": None if compared else NOTHING_COMPARED,
         "dropped": selection.drops.as_dict(),
         "skipped_rows": list(selection.skipped),

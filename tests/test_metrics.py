@@ -12,7 +12,7 @@ import pytest
 import torch
 from tests.helpers import pool_rows, render_pair
 
-from grape_plugin import GrapeConfig, GrapeError, Score, run
+from grape_plugin import GrapeConfig, GrapeError, Score, run, write
 from grape_plugin.cache import SCHEMA, Entry, ScoreCache
 from grape_plugin.cli import main
 from grape_plugin.metrics import fit_function
@@ -134,10 +134,17 @@ def test_changing_the_metric_runs_no_model(tiny_model, pool_file, tmp_path):
     assert first.stats.scored > 0 and first.stats.model_loaded
     kept = {}
     for name in ("sum", "min_k", "drop_first", "rsr"):
-        _, again = run(pool_file, GrapeConfig(metric=name, **base))
+        data, again = run(pool_file, GrapeConfig(metric=name, **base))
         assert again.stats.scored == 0 and not again.stats.model_loaded and again.stats.cached == first.stats.scored
         kept[name] = again.kept
+        if name == "rsr":
+            rsr_data, rsr_selection = data, again
     fit = fit_function(GrapeConfig(metric="rsr"))
+    out = write(rsr_data, rsr_selection, tmp_path / "out")  # the scores table and the report say which metric chose
+    rows = [json.loads(line) for line in out["scores"].read_text().splitlines()]
+    assert json.loads(out["report"].read_text())["metric"] == "rsr"
+    assert all(r["fit"] == pytest.approx(fit(rsr_selection.scores[(r["group"], r["index"])])) for r in rows
+               if r["score"] is not None)  # fmt: skip
     for g in first.groups:  # rsr keeps each instruction's candidate with the lowest rank-surprisal ratio
         best = max(g.candidates, key=lambda c: fit(first.scores[(g.key, c.index)]))
         assert kept["rsr"][g.key] == (best.index,)
