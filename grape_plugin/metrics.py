@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from .config import GrapeConfig
 from .errors import GrapeError
@@ -90,6 +90,12 @@ def fit_function(cfg: GrapeConfig, name: str | None = None) -> Callable[[Score],
         return float(metric.fit(score, cfg))
 
     return fit
+
+
+def fit_values(scores: Mapping[tuple[str, int], Score], cfg: GrapeConfig) -> dict[tuple[str, int], float]:
+    """Every score's value of ``cfg.metric``."""
+    fit = fit_function(cfg)
+    return {key: fit(score) for key, score in scores.items()}
 
 
 def check_metric(cfg: GrapeConfig) -> None:

@@ -1,6 +1,6 @@
 """The one way through: read + group -> render -> score -> select -> write -> report.
 
-``select_groups`` is the path every host takes (the CLI's files, Axolotl, LLaMA-Factory, notebooks): a host only
+``run_groups`` is the path every host takes (the CLI's files, Axolotl, LLaMA-Factory, notebooks): a host only
 says where the groups come from, how a candidate is rendered and how the scoring model loads (see ``host.py``).
 """
 
@@ -16,14 +16,14 @@ from typing import Any, Iterator, Optional, Sequence
 
 from .cache import Entry, ScoreCache, item_key, open_cache
 from .config import GrapeConfig
-from .distributed import agreed, rank_world, shard
+from .distributed import agreed, all_gather, rank_world, shard
 from .errors import GrapeError
 from .formats import Context, Format, Input, detect_format, group_rows
 from .plugins import lookup, registry
 from .records import Drops, Group, Grouped, Score, Selection, Stats, prompt_key
 from .render import Rendered, RenderedGroups, RenderedKey, Renderer, render_groups
 from .scoring import Scorer
-from .selection import needs_scores, select
+from .selection import choose, needs_scores
 
 COMMIT_BATCHES = 8  # about this many full batches are scored between two cache commits
 
@@ -185,8 +185,6 @@ def score(here: Resolved, scorer: Scorer, cfg: GrapeConfig, cache: Optional[Scor
     """
     from tqdm.auto import tqdm
 
-    from .distributed import all_gather
-
     items, known = here.rendered.items, here.known
     mine = [(g.key, c.index) for g in here.rendered.groups if needs_scores(g, cfg) for c in g.candidates]
     found = {w: kept_part(known[w].score, cfg) for w in mine if w in known and usable(known[w].score, cfg)}
@@ -209,8 +207,6 @@ def score(here: Resolved, scorer: Scorer, cfg: GrapeConfig, cache: Optional[Scor
 def gather_rendered(groups: Sequence[Group], rendered: RenderedGroups) -> RenderedGroups:
     """Every rank's rendering outcome over all ``groups`` (survivors, drops, truncations), without the token ids:
     each rank keeps only its own."""
-    from .distributed import all_gather
-
     if rank_world()[1] == 1:
         return rendered
     survivors = dict(all_gather([(g.key, {c.index for c in g.candidates}) for g in rendered.groups]))
@@ -260,7 +256,7 @@ def run_groups(
 ) -> Selection:
     """Render, score and select ``grouped``. A host passes its own ``renderer`` and ``scorer``; without them the
     configured template and scorer are used (and the scorer is closed afterwards)."""
-    from .metrics import check_metric, fit_function
+    from .metrics import check_metric, fit_values
 
     started = time.perf_counter()
     check_metric(cfg)
@@ -285,7 +281,8 @@ def run_groups(
     finally:
         if own_scorer:
             scorer.close()
-    kept, not_kept = select(rendered.groups, scored.scores, cfg)
+    fits = fit_values(scored.scores, cfg)
+    kept, not_kept = choose(rendered.groups, fits, cfg)
     clock.lap("select")
     drops = grouped.drops + rendered.drops + not_kept
     stats = Stats(
@@ -302,8 +299,6 @@ def run_groups(
         seconds=round(time.perf_counter() - started, 2),
         stages=clock.laps,
     )
-    fit = fit_function(cfg)
-    fits = {w: fit(s) for w, s in scored.scores.items()}
     return Selection(rendered.groups, scored.scores, kept, drops, stats, grouped.skipped, cfg.metric, fits)
 
 

@@ -72,11 +72,6 @@ def render_texts(tokenizer: Any, texts: Sequence[Text], add_special_tokens: bool
     return out
 
 
-def render_text(tokenizer: Any, text: str, char_start: int, char_end: int, add_special_tokens: bool) -> Rendered:
-    """Tokenise ``text`` once; the response is every token overlapping ``text[char_start:char_end]``."""
-    return render_texts(tokenizer, [(text, char_start, char_end)], add_special_tokens)[0]
-
-
 def tokenizer_fingerprint(tokenizer: Any) -> str:
     """A hash of everything a tokenizer's output depends on: its whole definition (vocabulary, merges, normaliser,
     special tokens) and its chat template."""

@@ -82,26 +82,33 @@ def select(
 ) -> tuple[dict[str, tuple[int, ...]], Drops]:
     """Kept candidate indices per group key (after the strategy and the budget), and what was not kept. Candidates
     are compared by ``cfg.metric`` (``metrics.py``)."""
-    from .metrics import fit_function
+    from .metrics import fit_values
+
+    return choose(groups, fit_values(scores, cfg), cfg)
+
+
+def choose(
+    groups: Iterable[Group], fits: Mapping[tuple[str, int], float], cfg: GrapeConfig
+) -> tuple[dict[str, tuple[int, ...]], Drops]:
+    """``select`` over fits already computed (each scored candidate's value of the metric)."""
     from .plugins import lookup
 
     selector = lookup("selectors", cfg.strategy)
-    fit = fit_function(cfg)
     kept: dict[str, tuple[int, ...]] = {}
-    fits: list[tuple[str, float]] = []
+    group_fits: list[tuple[str, float]] = []
     candidates, instructions = Counter(), Counter()
     for g in groups:
         if not needs_scores(g, cfg):
             kept[g.key] = tuple(c.index for c in g.candidates)
             continue
-        values = [fit(scores[(g.key, c.index)]) for c in g.candidates]
+        values = [fits[(g.key, c.index)] for c in g.candidates]
         picked = selector.pick(values, cfg.top_k, g.key, cfg.seed)
         kept[g.key] = tuple(g.candidates[p].index for p in picked)
-        fits.append((g.key, sum(values[p] for p in picked) / len(picked)))
+        group_fits.append((g.key, sum(values[p] for p in picked) / len(picked)))
         candidates["not_selected"] += len(g.candidates) - len(picked)
-    in_budget = apply_budget(fits, cfg.budget, cfg.budget_fraction, selector.budget_sign)
+    in_budget = apply_budget(group_fits, cfg.budget, cfg.budget_fraction, selector.budget_sign)
     if in_budget is not None:
-        for key in [k for k, _ in fits if k not in in_budget]:
+        for key in [k for k, _ in group_fits if k not in in_budget]:
             instructions["over_budget"] += 1
             candidates["over_budget"] += len(kept.pop(key))
     return kept, Drops.of(candidates, instructions)
