@@ -52,6 +52,7 @@ def test_two_ranks_match_one(tmp_path, tiny_model, pool_file):
 
 
 FAILING = textwrap.dedent("""
+    import os
     import sys
     import torch.distributed as dist
     from grape_plugin import GrapeConfig, GrapeError, hookimpl, run
@@ -76,7 +77,8 @@ FAILING = textwrap.dedent("""
     try:
         run(sys.argv[1], GrapeConfig(model=sys.argv[2], cache_dir=None, template="picky"))
     except GrapeError as exc:
-        print(f"rank {dist.get_rank()}: {exc}", flush=True)
+        os.write(1, f"rank {dist.get_rank()}: {exc}\\n".encode())  # one write: the ranks share the pipe
+        dist.barrier()  # both ranks have printed before either exits (torchrun stops the rest at the first exit)
         sys.exit(2)
 """)
 
