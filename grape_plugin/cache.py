@@ -4,7 +4,8 @@ Layout: ``cache_dir/<hash of the model identity>/<host>-<pid>-r<rank>-<start>.gr
 file exclusively (one per process and run) and only ever appends to it, so nothing needs a lock and nothing is
 rewritten: it works on a node-local disk and on the network file systems several nodes share (SQLite's write-ahead
 log does not). When a run starts, every file of the identity is read: all ranks' and all earlier runs', whatever
-their number of ranks, so a run resumes after a crash with any number of ranks.
+their number of ranks, so a run resumes after a crash with any number of ranks. Reading them builds an index (each
+key's best record: where it is), so that memory holds no scores and lookups read only the records asked for.
 
 File: ``MAGIC``, the schema (u32), then records: u32 payload length, u32 CRC-32 of the payload, payload = 32-byte
 key, f64 sum of log-probabilities, i32 response tokens, i32 rendered tokens (0: too long, dropped), u8 flags, then
@@ -43,16 +44,18 @@ SUFFIX = ".grs"
 @dataclass(frozen=True)
 class Entry:
     """What the cache holds for one candidate: its score (None when it was not scored: too long, or in an instruction
-    that needed no scores), its rendered length after ``max_length`` (0: too long, dropped) and whether it was cut."""
+    that needed no scores), its rendered length after ``max_length`` (0: too long, dropped), whether it was cut, and
+    whether its record holds the per-token arrays (they are in ``score`` only when read with them)."""
 
     score: Optional[Score]
     n_ids: int = 0
     truncated: bool = False
+    arrays: bool = False
 
     @property
     def rank(self) -> tuple[bool, bool]:
         """Of two entries for one key, the one that knows more wins."""
-        return self.score is not None, self.score is not None and self.score.token_logprobs is not None
+        return self.score is not None, self.score is not None and (self.arrays or self.score.token_logprobs is not None)
 
 
 def item_key(identity: str, item: Rendered) -> bytes:
@@ -71,17 +74,23 @@ def encode(key: bytes, entry: Entry) -> bytes:
 
 
 def decode(payload: bytes) -> Entry:
+    """An entry from its payload (the per-token arrays only when the payload holds them)."""
     _, total, n_tokens, n_ids, flags = RECORD.unpack_from(payload)
     at, size = RECORD.size, 4 * n_tokens
-    logprobs = payload[at : at + size] if flags & LOGPROBS else None
+    logprobs = payload[at : at + size] if flags & LOGPROBS and len(payload) > at else None
     at += size * bool(flags & LOGPROBS)
-    ranks = payload[at : at + size] if flags & RANKS else None
+    ranks = payload[at : at + size] if flags & RANKS and len(payload) > at else None
     score = Score(total, n_tokens, logprobs, ranks) if flags & SCORED else None
-    return Entry(score, n_ids, bool(flags & TRUNCATED))
+    return Entry(score, n_ids, bool(flags & TRUNCATED), knows(flags)[1])
 
 
-def records(path: Path) -> Iterator[tuple[bytes, bytes]]:
-    """(key, payload) of each complete, intact record of one file, read a record at a time."""
+def knows(flags: int) -> tuple[bool, bool]:
+    """How much a record knows (``Entry.rank``), from its flags."""
+    return bool(flags & SCORED), bool(flags & SCORED and flags & LOGPROBS)
+
+
+def records(path: Path) -> Iterator[tuple[bytes, int, bytes]]:
+    """(key, offset, payload) of each complete, intact record of one file, read a record at a time."""
     with open(path, "rb") as fh:
         head = fh.read(HEAD.size)
         if len(head) < HEAD.size or HEAD.unpack(head) != (MAGIC, SCHEMA):
@@ -98,7 +107,7 @@ def records(path: Path) -> Iterator[tuple[bytes, bytes]]:
                 log.warning("score cache: %s has a damaged record at byte %d; the rest of that file is ignored",
                             path, fh.tell() - length - FRAME.size)  # fmt: skip
                 return
-            yield payload[:32], payload
+            yield payload[:32], fh.tell() - length, payload
 
 
 class ScoreCache:
@@ -110,6 +119,8 @@ class ScoreCache:
         self.folder = cache_dir / name
         self.folder.mkdir(parents=True, exist_ok=True)
         self.out: Optional[BinaryIO] = None
+        self._index: Optional[dict[bytes, tuple[int, int, int, int]]] = None  # key -> best record's file no, offset, length, flags
+        self._files: list[Path] = []
         if (cache_dir / f"{name}.sqlite").exists():
             log.info("score cache: %s is an older SQLite cache; ignored (its scores are computed again)",
                      cache_dir / f"{name}.sqlite")  # fmt: skip
@@ -117,18 +128,35 @@ class ScoreCache:
     def files(self) -> list[Path]:
         return sorted(self.folder.glob("*" + SUFFIX))
 
-    def get_many(self, keys: Iterable[bytes]) -> dict[bytes, Entry]:
-        """The entries of ``keys`` found in every file of this identity."""
-        wanted, found = set(keys), {}
-        for path in self.files():
-            try:
-                for key, payload in records(path):
-                    if key in wanted:
-                        entry = decode(payload)
-                        if key not in found or entry.rank >= found[key].rank:
-                            found[key] = entry
-            except FileNotFoundError:
-                pass  # removed since listed (a compaction): its records are in the newer file
+    def index(self) -> dict[bytes, tuple[int, int, int, int]]:
+        """Where each key's best record is, over every file of this identity (read once, when first needed)."""
+        if self._index is None:
+            self._files, self._index = self.files(), {}
+            for n, path in enumerate(self._files):
+                try:
+                    for key, offset, payload in records(path):
+                        flags = payload[RECORD.size - 1]
+                        held = self._index.get(key)
+                        if held is None or knows(flags) >= knows(held[3]):
+                            self._index[key] = (n, offset, len(payload), flags)
+                except FileNotFoundError:
+                    pass  # removed since listed (a compaction): its records are in the newer file
+        return self._index
+
+    def get_many(self, keys: Iterable[bytes], arrays: bool = True) -> dict[bytes, Entry]:
+        """The entries of ``keys`` found in this identity's files (entries written by this process not included);
+        without ``arrays``, their scores without the per-token arrays."""
+        index, found = self.index(), {}
+        where = sorted((index[k][:3], k) for k in set(keys) if k in index)
+        handles: dict[int, BinaryIO] = {}
+        try:
+            for (n, offset, length), key in where:
+                fh = handles.get(n) or handles.setdefault(n, open(self._files[n], "rb"))  # noqa: SIM115
+                fh.seek(offset)
+                found[key] = decode(fh.read(length if arrays else RECORD.size))
+        finally:
+            for fh in handles.values():
+                fh.close()
         return found
 
     def put_many(self, pairs: Iterable[tuple[bytes, Entry]]) -> None:

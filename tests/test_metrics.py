@@ -96,6 +96,8 @@ def test_scores_pickle_and_round_trip_the_cache(scored, tmp_path):
     got = ScoreCache(tmp_path, "model-x").get_many([a, b, c, d])
     assert got[a].score == score and np.array_equal(got[a].score.ranks, score.ranks) and got[a].n_ids == 40
     assert got[b] == Entry(Score(-1.0, 1), 9) and got[d] == Entry(None, 0) and set(got) == {a, b, d}
+    light = ScoreCache(tmp_path, "model-x").get_many([a, b], arrays=False)  # what a metric without arrays reads
+    assert light == {a: Entry(score.without_tokens(), 40, arrays=True), b: got[b]}
 
 
 def test_an_old_cache_is_ignored(tmp_path):
@@ -130,11 +132,11 @@ def test_a_torn_or_damaged_cache_file_keeps_its_complete_records(tmp_path):
 
 def test_changing_the_metric_runs_no_model(tiny_model, pool_file, tmp_path):
     base = {"model": str(tiny_model), "cache_dir": tmp_path / "cache"}
-    _, first = run(pool_file, GrapeConfig(**base))
+    _, first = run(pool_file, GrapeConfig(**base), token_scores=True)
     assert first.stats.scored > 0 and first.stats.model_loaded
     kept = {}
     for name in ("sum", "min_k", "drop_first", "rsr"):
-        data, again = run(pool_file, GrapeConfig(metric=name, **base))
+        data, again = run(pool_file, GrapeConfig(metric=name, **base), token_scores=True)
         assert again.stats.scored == 0 and not again.stats.model_loaded and again.stats.cached == first.stats.scored
         kept[name] = again.kept
         if name == "rsr":
