@@ -209,13 +209,13 @@ def main(argv: Optional[list[str]] = None) -> None:
             two = launch(2, pool, tokenizer, tmp / f"cache{n}-2", tmp / f"out{n}-2")
             tok_s, _ = tokenizer_alone(tokenizer, pool)
             runs[n] = {"one": one[0], "again": again[0], "two": two, "tokenizer_tok_s": tok_s}
-    print("pool        ranks  tokens      read   render  score   select  write   total   tok/s    anon(peak)  hwm")
+    print("pool        ranks  tokens      read   render  score   gather  select  write   total   tok/s    anon(peak)  hwm")
     for n, r in runs.items():
         for label, ranks in (("1", [r["one"]]), ("1 rerun", [r["again"]]), ("2", r["two"])):
             for x in ranks:
                 s = x["stages"]
                 print(f"{n:5d} instr  {label:7s}{x['tokens'] / 1e6:5.1f}M  " + "".join(
-                    f"{s[k]:7.2f} " for k in ("read", "render", "score", "select", "write")) + f"{x['seconds']:7.2f} "
+                    f"{s.get(k, 0):7.2f} " for k in ("read", "render", "score", "gather", "select", "write")) + f"{x['seconds']:7.2f} "
                     f"{x['tokens'] / x['seconds'] / 1e3:6.0f}k  {mib(x['anon_peak']):>10}  {mib(x['hwm']):>8}"
                     + (f"  rank {x['rank']}: {x['tokens_here'] / x['tokens']:.0%} of tokens" if label == "2" else ""))
         print(f"{n:5d} instr  batched fast tokenizer alone (offsets on): {r['tokenizer_tok_s'] / 1e3:.0f}k tok/s")

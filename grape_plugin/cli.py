@@ -84,7 +84,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
     cfg = build_config(args)
     metrics = args.metrics.split(",") if args.metrics else list(registry("metrics"))
-    _, selection = run(args.data, cfg, limit=args.limit)
+    _, selection = run(args.data, cfg, limit=args.limit, token_scores=True)
     info = compare_metrics(selection, cfg, metrics)
     print(compare_text(info))
     if args.json:

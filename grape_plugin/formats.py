@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequ
 from .config import GrapeConfig
 from .errors import SKIP_HINT, GrapeError, RowError, input_error
 from .hookspecs import hookimpl
-from .records import Candidate, Draft, Drops, Group, Grouped, Message, prompt_key
+from .records import Candidate, Draft, Drops, Group, Grouped, Loader, Message, prompt_key, text_digest
 
 PROMPT_COLUMNS = ("instruction", "prompt", "question", "query")
 RESPONSE_COLUMNS = ("output", "response", "completion", "answer")
@@ -343,19 +343,21 @@ def detect_format(ctx: Context, formats: dict[str, Format]) -> Format:
 class Input(NamedTuple):
     """One input part: its rows, its format, its reading context, and how many of its instructions to read."""
 
-    rows: Iterable[dict]
+    rows: Sequence[dict]  # read in order, then by index (a ``datasets.Dataset`` or a list)
     format: Format
     context: Context
     limit: Optional[int] = None  # read only the first N instructions of this part (a host's max_samples)
 
 
 class Read(NamedTuple):
-    """One draft as read: its part, row, id (when the group_by column has one) and prompt key."""
+    """One draft as read, without its texts: its part, row, id (when the group_by column has one), the hash of its
+    prompt and its candidate as an outline."""
 
     part: int
     row: int
-    draft: Draft
     id: Optional[str]
+    prompt_hash: str
+    candidate: Candidate
 
 
 def id_column(ctx: Context) -> Optional[str]:
@@ -366,9 +368,17 @@ def id_column(ctx: Context) -> Optional[str]:
     return ctx.first(("id",)) if by == "auto" else ctx.first((), by, "--group-by")
 
 
+def outline(draft: Draft, part: int) -> tuple[str, Candidate]:
+    """A draft's prompt hash and its candidate without the text (its digest and size instead)."""
+    prompt_chars = sum(len(m["content"]) for m in draft.prompt)
+    cand = draft.candidate
+    return prompt_key(draft.prompt, draft.context), replace(
+        cand, response="", part=part, digest=text_digest(cand.response), chars=prompt_chars + len(cand.response))
+
+
 def read_drafts(inputs: Sequence[Input]) -> tuple[list[Read], Counter, list[str]]:
-    """Every draft of every input, with the skipped rows counted by reason (``on_bad_row: skip``) and the first
-    few named; a bad row otherwise stops the run with a message that names the option."""
+    """Every draft of every input, as outlines, with the skipped rows counted by reason (``on_bad_row: skip``) and
+    the first few named; a bad row otherwise stops the run with a message that names the option."""
     reads: list[Read] = []
     skipped: Counter = Counter()
     examples: list[str] = []
@@ -384,47 +394,76 @@ def read_drafts(inputs: Sequence[Input]) -> tuple[list[Read], Counter, list[str]
                 examples += [str(exc)][: SKIP_EXAMPLES - len(examples)]
                 continue
             row_id = None if id_col is None or row.get(id_col) is None else str(row[id_col])
-            reads += [Read(part, i, d, row_id) for d in drafts]
+            reads += [Read(part, i, row_id, *outline(d, part)) for d in drafts]
     return reads, skipped, examples
 
 
+def fetch_rows(rows: Any, indices: list[int]) -> list[dict]:
+    """The rows at ``indices``: one columnar read from a ``datasets.Dataset``, else one by one."""
+    if hasattr(rows, "column_names"):
+        batch = rows[indices]
+        return [dict(zip(batch, values)) for values in zip(*batch.values())]
+    return [rows[i] for i in indices]
+
+
+def loader(inputs: Sequence[Input]) -> Loader:
+    """``Grouped.load`` for groups read from ``inputs``: the candidates' rows are read again (each once per call)."""
+
+    def load(groups: Sequence[Group]) -> tuple[Group, ...]:
+        wanted = sorted({(c.part, c.row) for g in groups for c in g.candidates})
+        drafts: dict[tuple[int, int, Optional[int]], Draft] = {}
+        for part in sorted({p for p, _ in wanted}):
+            rows, fmt, ctx, _ = inputs[part]
+            indices = [r for p, r in wanted if p == part]
+            for i, row in zip(indices, fetch_rows(rows, indices)):
+                drafts.update(((part, i, d.candidate.item), d) for d in fmt.read_row(row, i, ctx))
+        out = []
+        for g in groups:
+            found = [drafts[(c.part, c.row, c.item)] for c in g.candidates]
+            cands = (replace(c, response=d.candidate.response) for c, d in zip(g.candidates, found))
+            out.append(replace(g, prompt=tuple(found[0].prompt), context=found[0].context, candidates=tuple(cands)))
+        return tuple(out)
+
+    return load
+
+
 def group_rows(inputs: Sequence[Input], min_candidates: int, limit: Optional[int] = None) -> Grouped:
-    """Turn the rows of every input into groups, across parts (see the module's docstring); ``limit`` keeps the
-    first N instructions."""
+    """Turn the rows of every input into groups (outlines, see ``Grouped``), across parts (see the module's
+    docstring); ``limit`` keeps the first N instructions. ``Input.rows`` must allow reading a row by its index."""
     reads, skipped, examples = read_drafts(inputs)
     ids_per_row = Counter({(r.part, r.row): r.id for r in reads if r.id is not None}.values())
     by_id = any(n > 1 for n in ids_per_row.values()) or any(i.context.cfg.group_by not in ("auto", "prompt")
                                                             for i in inputs)  # fmt: skip
     drafts: dict[str, tuple[Group, list[Candidate]]] = {}
     seen: list[set[str]] = [set() for _ in inputs]
-    for part, i, (prompt, cand, context), row_id in reads:
-        key = row_id if by_id and row_id is not None else prompt_key(prompt, context)
+    for part, i, row_id, prompt_hash, cand in reads:
+        key = row_id if by_id and row_id is not None else prompt_hash
         part_limit = inputs[part].limit
         if part_limit is not None and key not in seen[part] and len(seen[part]) >= part_limit:
             continue
         seen[part].add(key)
         if key not in drafts:
-            drafts[key] = (Group(key, tuple(prompt), row=i, context=context), [])
-        elif key == row_id and (drafts[key][0].prompt, drafts[key][0].context) != (tuple(prompt), context):
+            drafts[key] = (Group(key, (), row=i, prompt_hash=prompt_hash), [])
+        elif key == row_id and drafts[key][0].prompt_hash != prompt_hash:
             ctx = inputs[part].context
             first = drafts[key][0].row + 1
             raise input_error(ctx.file, i, id_column(ctx), f"id {key!r} was first seen at row {first} with a "
                                                            "different prompt; group by prompt with --group-by prompt")
-        drafts[key][1].append(replace(cand, part=part))
+        drafts[key][1].append(cand)
     grouped = finish_groups([g.with_candidates(c) for g, c in list(drafts.values())[:limit]], min_candidates)
-    return replace(grouped, drops=grouped.drops + Drops.of(rows=skipped), skipped=tuple(examples))
+    return replace(grouped, drops=grouped.drops + Drops.of(rows=skipped), skipped=tuple(examples), load=loader(inputs))
 
 
 def finish_groups(groups: Iterable[Group], min_candidates: int) -> Grouped:
     """Deduplicate identical responses within each group, number candidates, enforce ``min_candidates``."""
     kept, candidates, instructions = [], Counter(), Counter()
     for group in groups:
-        unique: dict[str, Candidate] = {}
+        unique: dict[bytes, Candidate] = {}
         for cand in group.candidates:
-            if cand.response in unique:
+            if cand.digest in unique:
                 candidates["duplicate_response"] += 1
             else:
-                unique[cand.response] = replace(cand, index=len(unique))
+                unique[cand.digest] = replace(cand, index=len(unique))
         if not unique:
             instructions["no_valid_candidate"] += 1
         elif len(unique) < min_candidates:

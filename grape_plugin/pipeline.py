@@ -10,7 +10,7 @@ import hashlib
 import json
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence
 
@@ -18,14 +18,15 @@ from .cache import Entry, ScoreCache, item_key, open_cache
 from .config import GrapeConfig
 from .distributed import agreed, all_gather, rank_world, shard
 from .errors import GrapeError
-from .formats import Context, Format, Input, detect_format, group_rows
+from .formats import Context, Format, Input, detect_format, group_rows, loader
 from .plugins import lookup, registry
-from .records import Drops, Group, Grouped, Score, Selection, Stats, prompt_key
-from .render import Rendered, RenderedGroups, RenderedKey, Renderer, render_groups
+from .records import Drops, Group, Grouped, Loader, Score, Selection, Stats
+from .render import Rendered, RenderedKey, Renderer, group_chunks, render_groups
 from .scoring import Scorer
 from .selection import choose, needs_scores
 
 COMMIT_BATCHES = 8  # about this many full batches are scored between two cache commits
+SHARE_CHUNK = 4096  # candidates loaded, rendered and scored at a time
 
 
 @dataclass(frozen=True)
@@ -39,23 +40,33 @@ class FileInput:
     grouped: Grouped
 
     @property
-    def groups(self) -> tuple:
+    def groups(self) -> tuple[Group, ...]:
+        """The outlines (no texts; see ``Grouped``)."""
         return self.grouped.groups
+
+    def texts(self) -> tuple[Group, ...]:
+        """Every group with its texts: all of them in memory at once, for small inputs (tests, notebooks)."""
+        return self.grouped.load(self.groups)
 
     def selected(self, selection: Selection) -> Any:
         """The kept rows as a ``datasets.Dataset`` in the input's shape."""
-        return self.format.selected(self.dataset, selection.picks(), self.context)
+        return self.format.selected(self.dataset, selection.picks(texts=True), self.context)
 
 
 def read(path: str | Path, cfg: GrapeConfig, limit: Optional[int] = None) -> FileInput:
-    """Read a file and group its candidates; ``limit`` keeps the first N instructions."""
+    """Read a file and group its candidates (outlines, remembered in ``cache_dir`` for the next run on the same data
+    and options); ``limit`` keeps the first N instructions."""
     from .datafiles import read_dataset
+    from .outlines import outline_key, remembered
 
     path = Path(path)
     dataset = read_dataset(path, cfg.split)
     ctx = Context(str(path), list(dataset.column_names), cfg)
     fmt = detect_format(ctx, registry("formats"))
-    return FileInput(path, dataset, fmt, ctx, group_rows([Input(dataset, fmt, ctx)], cfg.min_candidates, limit))
+    inputs = [Input(dataset, fmt, ctx)]
+    key = outline_key(dataset._fingerprint, fmt.name, cfg, limit)
+    grouped = remembered(cfg.cache_dir, key, lambda: group_rows(inputs, cfg.min_candidates, limit))
+    return FileInput(path, dataset, fmt, ctx, replace(grouped, load=loader(inputs)))
 
 
 def make_scorer(cfg: GrapeConfig) -> Scorer:
@@ -76,36 +87,43 @@ class Stopwatch:
         self.last = time.perf_counter()
 
     def lap(self, name: str) -> None:
+        """Add the time since the previous lap to stage ``name``."""
         now = time.perf_counter()
-        self.laps[name] = round(now - self.last, 3)
+        self.laps[name] = round(self.laps.get(name, 0.0) + now - self.last, 3)
         self.last = now
 
 
 @dataclass(frozen=True)
 class Resolved:
-    """This rank's candidates after ``max_length``: rendered (``rendered.items``) or known from the cache
-    (``known``: their outcome and score, with no need to render them), and each one's cache key."""
+    """Some instructions after ``max_length``, as outlines (``groups``), with the token ids of those rendered
+    (``items``; the others are answered by the cache: ``known``), and each candidate's cache key."""
 
-    rendered: RenderedGroups
+    groups: tuple[Group, ...]
+    items: dict[RenderedKey, Rendered]
+    drops: Drops
+    cut: frozenset[RenderedKey]  # truncated at max_length
     known: dict[RenderedKey, Entry]
     keys: dict[RenderedKey, bytes]
 
     def n_ids(self, w: RenderedKey) -> int:
-        item = self.rendered.items.get(w)
+        item = self.items.get(w)
         return self.known[w].n_ids if item is None else len(item.input_ids)
 
 
 @dataclass(frozen=True)
-class Scored:
-    """Every wanted candidate's score, and how they were obtained."""
+class Share:
+    """What one rank did for its instructions: the survivors of ``max_length`` (outlines), each scored candidate's
+    score and fit, what rendering dropped, and counts."""
 
-    scores: dict[RenderedKey, Score]
-    scored: int
-    cached: int
-    tokens_scored: int
-    tokens: int  # every wanted candidate's (all ranks)
-    tokens_here: int  # the candidates this rank holds rendered
-    scored_by_this_rank: int
+    groups: list[Group] = field(default_factory=list)
+    scores: dict[RenderedKey, Score] = field(default_factory=dict)
+    fits: dict[RenderedKey, float] = field(default_factory=dict)
+    drops: Drops = Drops()
+    truncated: int = 0
+    scored: int = 0  # candidates scored by this rank in this run
+    cached: int = 0  # candidates whose score came from the cache
+    tokens_scored: int = 0
+    tokens: int = 0  # of its candidates after max_length
 
 
 def render_prefix(identity: str, render: Renderer, max_length: Optional[int], over_length: str) -> Optional[str]:
@@ -116,115 +134,146 @@ def render_prefix(identity: str, render: Renderer, max_length: Optional[int], ov
 
 
 def text_keys(prefix: str, group: Group) -> list[bytes]:
-    """The cache key of each candidate, from its text and its instruction's (prompt and context)."""
-    head = hashlib.sha256(f"{prefix}{prompt_key(group.prompt, group.context)}\n".encode())
+    """The cache key of each candidate, from the digests of its text and its instruction's (prompt and context)."""
+    head = hashlib.sha256(f"{prefix}{group.prompt_hash}\n".encode())
     keys = []
     for cand in group.candidates:
         h = head.copy()
-        h.update(cand.response.encode())
+        h.update(cand.digest)
         keys.append(h.digest())
     return keys
 
 
-def cached_entries(cache: ScoreCache, keys: dict[RenderedKey, bytes]) -> dict[RenderedKey, Entry]:
-    found = cache.get_many(keys.values())
+def cached_entries(cache: ScoreCache, keys: dict[RenderedKey, bytes], arrays: bool) -> dict[RenderedKey, Entry]:
+    found = cache.get_many(keys.values(), arrays)
     return {w: found[k] for w, k in keys.items() if k in found}
 
 
-def resolve(groups: Sequence[Group], render: Renderer, identity: str, cfg: GrapeConfig, max_length: Optional[int],
-            cache: Optional[ScoreCache], file: str) -> Resolved:  # fmt: skip
-    """Render the candidates of ``groups`` that the cache cannot answer for, and apply ``max_length``.
+def resolve(groups: Sequence[Group], load: Loader, render: Renderer, identity: str, cfg: GrapeConfig,
+            max_length: Optional[int], cache: Optional[ScoreCache], file: str) -> Resolved:  # fmt: skip
+    """Render the candidates of ``groups`` (outlines) that the cache cannot answer for, and apply ``max_length``.
 
     With a keyed renderer, an instruction is answered from the cache when every candidate's outcome is cached (too
-    long, or its rendered length) and, if it needs scores, every survivor's usable score: nothing of it is
-    rendered. Any other instruction is rendered whole; its candidates not scored in the end (too long, or in an
+    long, or its rendered length) and, if it needs scores, every survivor's usable score: nothing of it is loaded
+    or rendered. Any other instruction is rendered whole; its candidates not scored in the end (too long, or in an
     instruction that needs no scores) get an outcome-only entry, so that a rerun need not render them."""
+    arrays = metric_needs_arrays(cfg)
     prefix = None if cache is None else render_prefix(identity, render, max_length, cfg.over_length)
-    if prefix is None:
-        rendered = render_groups(groups, render, max_length, cfg.over_length, file)
-        if cache is None:
-            return Resolved(rendered, {}, {})
-        keys = {w: item_key(identity, item) for w, item in rendered.items.items()}
-        return Resolved(rendered, cached_entries(cache, keys), keys)
-    keys = {(g.key, c.index): k for g in groups for c, k in zip(g.candidates, text_keys(prefix, g))}
-    known = cached_entries(cache, keys)
+    keys = {} if prefix is None else {(g.key, c.index): k for g in groups for c, k in zip(g.candidates, text_keys(prefix, g))}
+    known = {} if cache is None or prefix is None else cached_entries(cache, keys, arrays)
 
     def answered(g: Group) -> bool:
+        if not all((g.key, c.index) in known for c in g.candidates):
+            return False
         fits = g.with_candidates(c for c in g.candidates if known[(g.key, c.index)].n_ids)
-        return not needs_scores(fits, cfg) or all(usable(known[(g.key, c.index)].score, cfg) for c in fits.candidates)
+        return not needs_scores(fits, cfg) or all(usable(known[(g.key, c.index)], cfg) for c in fits.candidates)
 
-    todo = {g.key for g in groups if not all((g.key, c.index) in known for c in g.candidates) or not answered(g)}
-    fresh = render_groups([g for g in groups if g.key in todo], render, max_length, cfg.over_length, file)
-    outcomes = [((g.key, c.index), fresh.items.get((g.key, c.index))) for g in groups if g.key in todo
-                for c in g.candidates]  # fmt: skip
-    scored = {(g.key, c.index) for g in fresh.groups if needs_scores(g, cfg) for c in g.candidates}
-    cache.put_many((keys[w], Entry(None, 0 if item is None else len(item.input_ids), w in fresh.cut))
-                   for w, item in outcomes if w not in scored)  # fmt: skip
+    todo = {g.key for g in groups if not answered(g)}
+    fresh = render_groups(load([g for g in groups if g.key in todo]), render, max_length, cfg.over_length, file)
+    if cache is not None and prefix is None:
+        keys = {w: item_key(identity, item) for w, item in fresh.items.items()}
+        known = cached_entries(cache, keys, arrays)
+    elif cache is not None:
+        outcomes = [((g.key, c.index), fresh.items.get((g.key, c.index))) for g in groups if g.key in todo
+                    for c in g.candidates]  # fmt: skip
+        scored = {(g.key, c.index) for g in fresh.groups if needs_scores(g, cfg) for c in g.candidates}
+        cache.put_many((keys[w], Entry(None, 0 if item is None else len(item.input_ids), w in fresh.cut))
+                       for w, item in outcomes if w not in scored)  # fmt: skip
     kept, candidates, instructions, cut = [], Counter(), Counter(), set(fresh.cut)
-    by_key = {g.key: g for g in fresh.groups}
+    survivors = {g.key: {c.index for c in g.candidates} for g in fresh.groups}
     for g in groups:
         if g.key in todo:
-            kept += [by_key[g.key]] if g.key in by_key else []
-            continue
-        fits = g.with_candidates(c for c in g.candidates if known[(g.key, c.index)].n_ids)
-        candidates["too_long"] += len(g.candidates) - len(fits.candidates)
-        cut |= {(g.key, c.index) for c in fits.candidates if known[(g.key, c.index)].truncated}
-        if fits.candidates:
-            kept.append(fits)
+            alive = survivors.get(g.key, set())
         else:
-            instructions["all_candidates_too_long"] += 1
+            alive = {c.index for c in g.candidates if known[(g.key, c.index)].n_ids}
+            candidates["too_long"] += len(g.candidates) - len(alive)
+            cut |= {(g.key, i) for i in alive if known[(g.key, i)].truncated}
+            instructions["all_candidates_too_long"] += not alive
+        if alive:
+            kept.append(g.with_candidates(c for c in g.candidates if c.index in alive))
     drops = fresh.drops + Drops.of(candidates, instructions)
-    return Resolved(RenderedGroups(tuple(kept), fresh.items, drops, len(cut), frozenset(cut)), known, keys)
+    return Resolved(tuple(kept), fresh.items, drops, frozenset(cut), known, keys)
 
 
-def score(here: Resolved, scorer: Scorer, cfg: GrapeConfig, cache: Optional[ScoreCache]) -> Scored:
+def score(here: Resolved, scorer: Scorer, cfg: GrapeConfig, cache: Optional[ScoreCache], bar: Any,
+          arrays: bool) -> Share:  # fmt: skip
     """Score the candidates of every group that needs it, those the cache does not hold, appending to the cache.
+    The scorer loads its weights only when something is left to score. Each score's fit is computed here; the
+    per-token arrays are kept only with ``arrays``."""
+    from .metrics import fit_function
 
-    Under ``torch.distributed`` each rank passes its own share of the instructions (see ``run_groups``) and every
-    rank gets all scores. The scorer loads its weights only if this rank has something left to score.
-    """
+    fit = fit_function(cfg)
+    items, known = here.items, here.known
+    mine = [(g.key, c.index) for g in here.groups if needs_scores(g, cfg) for c in g.candidates]
+    found = {w: known[w].score for w in mine if w in known and usable(known[w], cfg)}
+    todo = [w for w in mine if w not in found]
+    size = lambda ws: sum(here.n_ids(w) for w in ws)  # noqa: E731
+    bar.total += size(todo)
+    fresh: dict[RenderedKey, Score] = {}
+    for chunk in commit_chunks(todo, items, COMMIT_BATCHES * cfg.batch_tokens):
+        got = [kept_part(s, cfg) for s in scorer.score([items[w] for w in chunk], progress=bar.update)]
+        fresh.update(zip(chunk, got))
+        if cache:
+            cache.put_many((here.keys[w], Entry(s, len(items[w].input_ids), w in here.cut)) for w, s in zip(chunk, got))
+    scores = {**found, **fresh}
+    return Share(
+        list(here.groups), {w: s if arrays else s.without_tokens() for w, s in scores.items()},
+        {w: fit(s) for w, s in scores.items()}, here.drops, len(here.cut), len(todo), len(found), size(todo),
+        size((g.key, c.index) for g in here.groups for c in g.candidates))  # fmt: skip
+
+
+def score_share(groups: Sequence[Group], load: Loader, render: Renderer, scorer: Scorer, cfg: GrapeConfig,
+                max_length: Optional[int], cache: Optional[ScoreCache], file: str, arrays: bool,
+                clock: "Stopwatch") -> Share:  # fmt: skip
+    """Render and score ``groups`` a few thousand candidates at a time, so that only one chunk's texts and token
+    ids are in memory at once."""
     from tqdm.auto import tqdm
 
-    items, known = here.rendered.items, here.known
-    mine = [(g.key, c.index) for g in here.rendered.groups if needs_scores(g, cfg) for c in g.candidates]
-    found = {w: kept_part(known[w].score, cfg) for w in mine if w in known and usable(known[w].score, cfg)}
-    todo = [w for w in mine if w not in found]
-    fresh_here: list[tuple[RenderedKey, Score]] = []
-    size = lambda ws: sum(here.n_ids(w) for w in ws)  # noqa: E731
-    with tqdm(total=size(todo), unit="tok", desc="scoring", disable=not todo or rank_world()[0] != 0) as bar:
-        for chunk in commit_chunks(todo, items, COMMIT_BATCHES * cfg.batch_tokens):
-            fresh = [kept_part(s, cfg) for s in scorer.score([items[w] for w in chunk], progress=bar.update)]
-            fresh_here += zip(chunk, fresh)
-            if cache:
-                cache.put_many((here.keys[w], Entry(s, len(items[w].input_ids), w in here.rendered.cut))
-                               for w, s in zip(chunk, fresh))  # fmt: skip
-    scores = dict(all_gather([*found.items(), *fresh_here]))
-    n_here = size((g.key, c.index) for g in here.rendered.groups for c in g.candidates)
-    n_todo, n_mine, tokens_todo, tokens = map(sum, zip(*all_gather([(len(todo), len(mine), size(todo), n_here)])))
-    return Scored(scores, n_todo, n_mine - n_todo, tokens_todo, tokens, n_here, len(todo))
+    kept, scores, fits, drops, tally = [], {}, {}, Drops(), [0] * 5
+    with tqdm(total=0, unit="tok", desc="scoring", disable=rank_world()[0] != 0) as bar:
+        for chunk in group_chunks(groups, SHARE_CHUNK):
+            here = resolve(chunk, load, render, scorer.identity, cfg, max_length, cache, file)
+            clock.lap("render")
+            part = score(here, scorer, cfg, cache, bar, arrays)
+            clock.lap("score")
+            kept += part.groups
+            scores.update(part.scores)
+            fits.update(part.fits)
+            drops += part.drops
+            tally = [a + b for a, b in zip(tally, counts(part))]
+    return Share(kept, scores, fits, drops, *tally)
 
 
-def gather_rendered(groups: Sequence[Group], rendered: RenderedGroups) -> RenderedGroups:
-    """Every rank's rendering outcome over all ``groups`` (survivors, drops, truncations), without the token ids:
-    each rank keeps only its own."""
+def counts(share: Share) -> tuple[int, ...]:
+    return share.truncated, share.scored, share.cached, share.tokens_scored, share.tokens
+
+
+def gather(share: Share, groups: Sequence[Group]) -> Share:
+    """Every rank's share, on every rank: outcomes, scores and fits (no texts, no token ids)."""
     if rank_world()[1] == 1:
-        return rendered
-    survivors = dict(all_gather([(g.key, {c.index for c in g.candidates}) for g in rendered.groups]))
-    outcome = all_gather([(rendered.drops, rendered.truncated)])
-    kept = tuple(g.with_candidates(c for c in g.candidates if c.index in survivors[g.key])
-                 for g in groups if g.key in survivors)  # fmt: skip
-    return RenderedGroups(kept, rendered.items, sum((d for d, _ in outcome), Drops()), sum(t for _, t in outcome))
+        return share
+    parts = all_gather([(share.drops, counts(share), {g.key: [c.index for c in g.candidates] for g in share.groups},
+                         list(share.scores.items()), list(share.fits.items()))])  # fmt: skip
+    survivors = {k: set(v) for _, _, alive, _, _ in parts for k, v in alive.items()}
+    kept = [g.with_candidates(c for c in g.candidates if c.index in survivors[g.key]) for g in groups if g.key in survivors]
+    return Share(kept, {w: s for p in parts for w, s in p[3]}, {w: f for p in parts for w, f in p[4]},
+                 sum((p[0] for p in parts), Drops()), *map(sum, zip(*(p[1] for p in parts))))  # fmt: skip
 
 
 def text_size(group: Group) -> int:
     """An estimate of a group's tokens before rendering: its characters, the prompt once per candidate."""
-    prompt = sum(len(m["content"]) for m in group.prompt)
-    return sum(prompt + len(c.response) for c in group.candidates)
+    return sum(c.chars for c in group.candidates)
 
 
-def usable(score: Optional[Score], cfg: GrapeConfig) -> bool:
-    """Whether a cached score serves this run: it has the per-token arrays when they are kept."""
-    return score is not None and (score.token_logprobs is not None or not cfg.keep_token_scores)
+def metric_needs_arrays(cfg: GrapeConfig) -> bool:
+    from .plugins import lookup
+
+    return bool(lookup("metrics", cfg.metric).needs)
+
+
+def usable(entry: Entry, cfg: GrapeConfig) -> bool:
+    """Whether a cached entry's score serves this run: it has the per-token arrays when they are kept."""
+    return entry.score is not None and (entry.arrays or not cfg.keep_token_scores)
 
 
 def kept_part(score: Score, cfg: GrapeConfig) -> Score:
@@ -253,10 +302,14 @@ def run_groups(
     scorer: Optional[Scorer] = None,
     renderer: Optional[Renderer] = None,
     file: str = "input",
+    token_scores: bool = False,
 ) -> Selection:
     """Render, score and select ``grouped``. A host passes its own ``renderer`` and ``scorer``; without them the
-    configured template and scorer are used (and the scorer is closed afterwards)."""
-    from .metrics import check_metric, fit_values
+    configured template and scorer are used (and the scorer is closed afterwards). Under ``torch.distributed``
+    each rank loads, renders and scores its own instructions (balanced by size); only outcomes, scores and fits
+    are gathered. The selection's scores keep their per-token arrays only with ``token_scores`` (to compare
+    metrics afterwards)."""
+    from .metrics import check_metric
 
     started = time.perf_counter()
     check_metric(cfg)
@@ -265,41 +318,38 @@ def run_groups(
     clock = Stopwatch()
     try:
         max_length = cfg.max_length or scorer.context_length  # past the model's positions scores mean nothing
-        # each rank renders and scores its own instructions; only the outcome and the scores are gathered
         cache = open_cache(cfg.cache_dir, scorer.identity, rank_world()[0])
         try:
             render, mine = renderer or make_renderer(scorer, cfg), shard(grouped.groups, text_size)
-            here = agreed(lambda: resolve(mine, render, scorer.identity, cfg, max_length, cache, file))
-            clock.lap("render")
-            scored = score(here, scorer, cfg, cache)
+            share = agreed(lambda: score_share(mine, grouped.load, render, scorer, cfg, max_length, cache, file,
+                                               token_scores, clock))  # fmt: skip
         finally:
             if cache:
                 cache.close()
-        rendered = gather_rendered(grouped.groups, here.rendered)
-        clock.lap("score")
+        everything = gather(share, grouped.groups)
         loaded = scorer.loaded
     finally:
         if own_scorer:
             scorer.close()
-    fits = fit_values(scored.scores, cfg)
-    kept, not_kept = choose(rendered.groups, fits, cfg)
+    clock.lap("gather")
+    kept, not_kept = choose(everything.groups, everything.fits, cfg)
     clock.lap("select")
-    drops = grouped.drops + rendered.drops + not_kept
     stats = Stats(
         instructions=len(grouped.groups) + grouped.drops.n_instructions,
         candidates=sum(len(g.candidates) for g in grouped.groups) + grouped.drops.n_candidates,
-        truncated=rendered.truncated,
-        scored=scored.scored,
-        cached=scored.cached,
-        tokens_scored=scored.tokens_scored,
-        tokens=scored.tokens,
-        tokens_here=scored.tokens_here,
-        scored_by_this_rank=scored.scored_by_this_rank,
+        truncated=everything.truncated,
+        scored=everything.scored,
+        cached=everything.cached,
+        tokens_scored=everything.tokens_scored,
+        tokens=everything.tokens,
+        tokens_here=share.tokens,
+        scored_by_this_rank=share.scored,
         model_loaded=loaded,
         seconds=round(time.perf_counter() - started, 2),
         stages=clock.laps,
     )
-    return Selection(rendered.groups, scored.scores, kept, drops, stats, grouped.skipped, cfg.metric, fits)
+    return Selection(tuple(everything.groups), everything.scores, kept, grouped.drops + everything.drops + not_kept,
+                     stats, grouped.skipped, cfg.metric, everything.fits, grouped.load)  # fmt: skip
 
 
 def run(path: str | Path, cfg: GrapeConfig, limit: Optional[int] = None, **kwargs: Any) -> tuple[FileInput, Selection]:

@@ -7,7 +7,7 @@ import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Iterable, Mapping, NamedTuple, Optional
+from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
 
@@ -18,7 +18,8 @@ class Candidate:
 
     ``part`` is the input it came from (0 for a single file; an Axolotl ``datasets:`` entry or a LLaMA-Factory
     dataset otherwise), ``row`` its 0-based row there and ``item`` its place inside the row (a list column's
-    position, 0 for ``chosen`` and 1 for ``rejected``), None when the row is the candidate.
+    position, 0 for ``chosen`` and 1 for ``rejected``), None when the row is the candidate. In an outline (see
+    ``Grouped``) ``response`` is empty; ``digest`` and ``chars`` stand for it.
     """
 
     response: str
@@ -27,6 +28,8 @@ class Candidate:
     index: int = 0  # position within its group, in input order
     part: int = 0
     item: Optional[int] = None
+    digest: bytes = b""  # of the response (``text_digest``): identifies it while its text is not loaded
+    chars: int = 0  # characters of its prompt and response: what rendering it costs, before it is rendered
 
     @property
     def origin(self) -> tuple[int, int, int]:
@@ -39,7 +42,8 @@ class Group:
     """One instruction: its prompt as chat messages and its candidate responses.
 
     ``context`` holds what a host's own form of the prompt adds to the messages (LLaMA-Factory's system, tools
-    and media); it is part of the group key, so prompts that differ there are different instructions.
+    and media); it is part of the group key, so prompts that differ there are different instructions. In an
+    outline (see ``Grouped``) the prompt and context are empty and ``prompt_hash`` stands for them.
     """
 
     key: str
@@ -47,6 +51,7 @@ class Group:
     candidates: tuple[Candidate, ...] = ()
     row: int = 0  # first input row of the group
     context: Mapping[str, Any] = field(default_factory=dict)
+    prompt_hash: str = ""  # ``prompt_key(prompt, context)``
 
     def with_candidates(self, candidates: Iterable[Candidate]) -> "Group":
         return replace(self, candidates=tuple(candidates))
@@ -65,6 +70,11 @@ def prompt_key(prompt: Iterable[Message], context: Optional[Mapping[str, Any]] =
     value: Any = list(prompt) if not context else [list(prompt), dict(context)]
     text = json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
     return "p:" + hashlib.sha256(text.encode("utf-8")).hexdigest()[:20]
+
+
+def text_digest(text: str) -> bytes:
+    """16 bytes that identify a response's text."""
+    return hashlib.sha256(text.encode("utf-8")).digest()[:16]
 
 
 @dataclass(frozen=True)
@@ -144,13 +154,21 @@ class Drops:
         return {"candidates": dict(self.candidates), "instructions": dict(self.instructions), "rows": dict(self.rows)}
 
 
+Loader = Callable[[Sequence[Group]], tuple[Group, ...]]  # outlines -> the same groups with their texts
+
+
 @dataclass(frozen=True)
 class Grouped:
-    """Groups read from the input, with what reading them dropped."""
+    """Groups read from the input, with what reading them dropped.
+
+    The groups are outlines: keys, digests and where each candidate is in the input, without the texts, so that a
+    pool of any size fits in memory; ``load`` reads the texts of a few groups back from the input when they are
+    needed (to render them, to write the kept rows)."""
 
     groups: tuple[Group, ...]
     drops: Drops = Drops()
     skipped: tuple[str, ...] = ()  # the first skipped rows' messages
+    load: Loader = tuple  # groups that already hold their texts need no loading
 
 
 @dataclass(frozen=True)
@@ -186,10 +204,14 @@ class Selection:
     skipped: tuple[str, ...] = ()  # the first skipped rows' messages
     metric: str = "mean"  # what candidates were compared by
     fits: Mapping[tuple[str, int], float] = field(default_factory=dict)  # each scored candidate's value of it
+    load: Loader = tuple  # the texts of outlines (``Grouped.load``)
 
-    def picks(self) -> list[tuple[Group, Candidate]]:
-        """Every kept (group, candidate), in the order of ``kept``."""
-        by_key = {g.key: (g, {c.index: c for c in g.candidates}) for g in self.groups}
+    def picks(self, texts: bool = False) -> list[tuple[Group, Candidate]]:
+        """Every kept (group, candidate), in the order of ``kept``; with ``texts``, their prompts and responses."""
+        kept = [g.with_candidates(c for c in g.candidates if c.index in self.kept[g.key])
+                for g in self.groups if g.key in self.kept]  # fmt: skip
+        groups = self.load(kept) if texts else kept
+        by_key = {g.key: (g, {c.index: c for c in g.candidates}) for g in groups}
         return [(by_key[k][0], by_key[k][1][i]) for k, idx in self.kept.items() for i in idx]
 
     def dropping(self, keys: Iterable[str], reason: str) -> "Selection":

@@ -63,7 +63,7 @@ def clip(text: str, width: int) -> str:
 def preview_text(selection: Selection, width: int = 100) -> str:
     """Every instruction with its candidates (source, score, tokens, winner marked), then the summary."""
     lines = ["  (* kept)  source                           score tokens  response"]
-    for g in selection.groups:
+    for g in selection.load(selection.groups):
         kept = selection.kept.get(g.key, [])
         lines.append(f"\n[{g.key}] {clip(g.prompt[-1]['content'], width - len(g.key) - 3)}")
         for c in g.candidates:

@@ -227,7 +227,7 @@ def table_html(selection: Selection) -> str:
     """Instructions with every candidate, best score first, kept ones marked; a search box filters them."""
     e = html.escape
     bodies = []
-    for g in selection.groups[:TABLE_INSTRUCTIONS]:
+    for g in selection.load(selection.groups[:TABLE_INSTRUCTIONS]):
         kept = selection.kept.get(g.key)
         earlier = f" (+{len(g.prompt) - 1} earlier messages)" if len(g.prompt) > 1 else ""
         status = "" if kept is not None else " — not kept (over budget)"

@@ -36,8 +36,8 @@ def test_ultrafeedback_raw(tmp_path, tiny_model):
             ultrafeedback_row("Name a colour.", {"gpt-4": "Red.", "alpaca-7b": "Blue", "falcon-40b": "Green!"})]
     path = write_jsonl(tmp_path / "uf.jsonl", rows)
     data = read(path, CFG)
-    assert data.format.name == "list" and [len(g.candidates) for g in data.groups] == [3, 3]
-    first = data.groups[0]
+    assert data.format.name == "list" and [len(g.candidates) for g in data.texts()] == [3, 3]
+    first = data.texts()[0]
     assert list(first.prompt) == [user("What is 2+2?")]
     assert [(c.response, c.source) for c in first.candidates] == [("4.", "gpt-4"), ("It is four.", "alpaca-7b"),
                                                                    ("5", "falcon-40b")]  # fmt: skip
@@ -65,8 +65,8 @@ def test_ultrafeedback_binarized_needs_its_split(tmp_path):
                                          "test_sft, train_gen, test_gen: name one with --split"):  # fmt: skip
         read(tmp_path / "ufb", CFG)
     data = read(tmp_path / "ufb", GrapeConfig(cache_dir=None, split="train_prefs"))
-    assert data.format.name == "preference" and len(data.groups) == 3
-    group = data.groups[1]
+    assert data.format.name == "preference" and len(data.texts()) == 3
+    group = data.texts()[1]
     assert list(group.prompt) == [user("Question 1?")]
     assert [(c.response, c.source) for c in group.candidates] == [("good 1", "chosen"), ("bad 1", "rejected")]
 
@@ -76,7 +76,7 @@ def test_nectar(tmp_path):
     answers = [{"answer": "Mittens.", "model": "gpt-4", "rank": 1.0}, {"answer": "Tom.", "model": "llama-2-7b-chat", "rank": 2.0}]
     row = {"prompt": HH_PROMPT, "answers": answers, "turns": 2, "num_responses": 2, "source": ["anthropic-hh"],
            "good_natured": True}  # fmt: skip
-    (group,) = read(write_jsonl(tmp_path / "nectar.jsonl", [row]), CFG).groups
+    (group,) = read(write_jsonl(tmp_path / "nectar.jsonl", [row]), CFG).texts()
     assert list(group.prompt) == [user("What is a good name for a cat?"), assistant("Whiskers is popular."), user("Another one?")]
     assert [(c.response, c.source) for c in group.candidates] == [("Mittens.", "gpt-4"), ("Tom.", "llama-2-7b-chat")]
 
@@ -86,11 +86,11 @@ def test_hh_rlhf(tmp_path):
     rows = [{"chosen": HH_PROMPT + " Mittens is nice.", "rejected": HH_PROMPT + " No."},
             {"chosen": "\n\nHuman: Hi\n\nAssistant: Hello!", "rejected": "\n\nHuman: Hi\n\nAssistant: Go away."}]
     data = read(write_jsonl(tmp_path / "hh.jsonl", rows), CFG)
-    assert data.format.name == "preference" and len(data.groups) == 2
-    first = data.groups[0]
+    assert data.format.name == "preference" and len(data.texts()) == 2
+    first = data.texts()[0]
     assert list(first.prompt) == [user("What is a good name for a cat?"), assistant("Whiskers is popular."), user("Another one?")]
     assert [(c.response, c.source) for c in first.candidates] == [("Mittens is nice.", "chosen"), ("No.", "rejected")]
-    assert [c.response for c in data.groups[1].candidates] == ["Hello!", "Go away."]
+    assert [c.response for c in data.texts()[1].candidates] == ["Hello!", "Go away."]
 
 
 def sharegpt(row_id: str, question: str, answer: str) -> dict:
@@ -102,10 +102,10 @@ def test_sharegpt_with_per_row_ids_groups_by_prompt(tmp_path):
             sharegpt("x9Kk2Qe_0", "Tell a joke.", "A man walks into a bar...")]  # fmt: skip
     path = write_jsonl(tmp_path / "sharegpt.jsonl", rows)
     data = read(path, CFG)
-    assert [len(g.candidates) for g in data.groups] == [2, 1] and data.groups[0].key.startswith("p:")
-    assert [c.response for c in data.groups[0].candidates] == ["Why did the chicken...", "A man walks into a bar..."]
+    assert [len(g.candidates) for g in data.texts()] == [2, 1] and data.texts()[0].key.startswith("p:")
+    assert [c.response for c in data.texts()[0].candidates] == ["Why did the chicken...", "A man walks into a bar..."]
     by_id = read(path, GrapeConfig(cache_dir=None, group_by="id"))
-    assert [len(g.candidates) for g in by_id.groups] == [1, 1, 1]
+    assert [len(g.candidates) for g in by_id.texts()] == [1, 1, 1]
 
 
 def test_nothing_compared_is_said_plainly(tmp_path, tiny_model):
@@ -126,8 +126,8 @@ def test_tulu3_sft_mixture_groups_by_prompt(tmp_path):
                                                             ("Why is the sky blue?", "Because of air.", "flan_v2"),
                                                             ("What is DNA?", "A molecule.", "oasst1")])]  # fmt: skip
     data = read(write_jsonl(tmp_path / "tulu.jsonl", rows), CFG)
-    assert data.format.name == "messages" and [len(g.candidates) for g in data.groups] == [2, 1]
-    assert [c.source for c in data.groups[0].candidates] == ["oasst1", "flan_v2"]
+    assert data.format.name == "messages" and [len(g.candidates) for g in data.texts()] == [2, 1]
+    assert [c.source for c in data.texts()[0].candidates] == ["oasst1", "flan_v2"]
 
 
 def test_helpsteer2(tmp_path):
@@ -136,8 +136,8 @@ def test_helpsteer2(tmp_path):
     rows = [{"prompt": p, "response": r, **scores} for p, r in
             [("c#", "C# is a language."), ("c#", "A musical note."), ("What is 7*6?", "42"), ("What is 7*6?", "43")]]
     data = read(write_jsonl(tmp_path / "helpsteer2.jsonl", rows), CFG)
-    assert data.format.name == "long" and [len(g.candidates) for g in data.groups] == [2, 2]
-    assert list(data.groups[1].prompt) == [user("What is 7*6?")]
+    assert data.format.name == "long" and [len(g.candidates) for g in data.texts()] == [2, 2]
+    assert list(data.texts()[1].prompt) == [user("What is 7*6?")]
 
 
 def test_a_bad_row_stops_the_run_or_is_skipped_and_counted(tmp_path):
@@ -148,7 +148,7 @@ def test_a_bad_row_stops_the_run_or_is_skipped_and_counted(tmp_path):
                                          r"on_bad_row: skip \(--on-bad-row skip\)"):  # fmt: skip
         read(path, CFG)
     data = read(path, GrapeConfig(cache_dir=None, on_bad_row="skip"))
-    assert [len(g.candidates) for g in data.groups] == [1, 1]
+    assert [len(g.candidates) for g in data.texts()] == [1, 1]
     assert data.grouped.drops.rows == {"output: is empty": 1}
     assert data.grouped.skipped == (f"{path}: row 2: field 'output': is empty",)
 
@@ -180,7 +180,7 @@ def test_misused_options_name_the_column_and_the_option(tmp_path, rows, options,
 def test_item_fields_follow_the_column_options(tmp_path):
     rows = [{"instruction": "Q", "completions": [{"who": "m1", "reply": "a"}, {"who": "m2", "reply": "b"}]}]
     (group,) = read(write_jsonl(tmp_path / "d.jsonl", rows),
-                    GrapeConfig(cache_dir=None, response_column="reply", source_column="who")).groups  # fmt: skip
+                    GrapeConfig(cache_dir=None, response_column="reply", source_column="who")).texts()  # fmt: skip
     assert [(c.response, c.source) for c in group.candidates] == [("a", "m1"), ("b", "m2")]
 
 

@@ -16,29 +16,29 @@ CFG = GrapeConfig(cache_dir=None)
 def test_shared_pool_needs_no_flags():
     data = read(POOL, CFG)
     assert data.format.name == "long"
-    assert len(data.groups) == 805
-    first = data.groups[0]
+    assert len(data.texts()) == 805
+    first = data.texts()[0]
     assert first.key == "ae-000"
     assert list(first.prompt) == [{"role": "user", "content": pool_rows(1)[0]["instruction"]}]
     assert [c.source for c in first.candidates][:2] == ["gpt-4o-2024-05-13", "Meta-Llama-3.1-405B-Instruct-Turbo"]
-    n_candidates = sum(len(g.candidates) for g in data.groups)
+    n_candidates = sum(len(g.candidates) for g in data.texts())
     # the README of the shared data: 20 answers duplicate another model's answer to the same instruction
     assert data.grouped.drops.as_dict() == {"candidates": {"duplicate_response": 20}, "instructions": {}, "rows": {}}
     assert n_candidates == 6440 - 20
-    assert all(c.index == i for g in data.groups for i, c in enumerate(g.candidates))
+    assert all(c.index == i for g in data.texts() for i, c in enumerate(g.candidates))
 
 
 def test_rows_without_id_group_by_prompt(tmp_path):
     rows = [{"instruction": r["instruction"], "output": r["output"], "model": r["generator"]} for r in pool_rows(3)]
     data = read(write_jsonl(tmp_path / "noid.jsonl", rows[::-1]), CFG)  # order must not matter for grouping
-    assert sorted(len(g.candidates) for g in data.groups) == [8, 8, 8]
-    assert all(g.key.startswith("p:") for g in data.groups)
-    assert data.groups[0].candidates[0].source == "Qwen1.5-1.8B-Chat"
+    assert sorted(len(g.candidates) for g in data.texts()) == [8, 8, 8]
+    assert all(g.key.startswith("p:") for g in data.texts())
+    assert data.texts()[0].candidates[0].source == "Qwen1.5-1.8B-Chat"
 
 
 def test_alpaca_input_and_system_join_the_prompt(tmp_path):
     rows = [{"system": "Be brief.", "instruction": "Add", "input": "2+2", "output": "4"}]
-    (group,) = read(write_jsonl(tmp_path / "a.jsonl", rows), CFG).groups
+    (group,) = read(write_jsonl(tmp_path / "a.jsonl", rows), CFG).texts()
     assert list(group.prompt) == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Add\n2+2"}]
 
 
@@ -46,7 +46,7 @@ def test_list_column_and_sources(tmp_path):
     rows = [{"instruction": "Say hi", "responses": ["hi", "hello", "hi"], "generators": ["a", "b", "c"]}]
     data = read(write_jsonl(tmp_path / "l.jsonl", rows), CFG)
     assert data.format.name == "list"
-    (group,) = data.groups
+    (group,) = data.texts()
     assert [(c.response, c.source) for c in group.candidates] == [("hi", "a"), ("hello", "b")]
     assert data.grouped.drops.candidates == {"duplicate_response": 1}
 
@@ -55,10 +55,10 @@ def test_messages_and_sharegpt(tmp_path):
     conv = [{"role": "user", "content": "Q1"}, {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}]
     rows = [{"messages": conv + [{"role": "assistant", "content": f"A2-{i}"}], "source": f"m{i}"} for i in range(3)]
     data = read(write_jsonl(tmp_path / "m.jsonl", rows), CFG)
-    (group,) = data.groups
+    (group,) = data.texts()
     assert list(group.prompt) == conv and [c.response for c in group.candidates] == ["A2-0", "A2-1", "A2-2"]
     share = [{"conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": a}]} for a in ("x", "y")]
-    (group,) = read(write_jsonl(tmp_path / "s.jsonl", share), CFG).groups
+    (group,) = read(write_jsonl(tmp_path / "s.jsonl", share), CFG).texts()
     assert list(group.prompt) == [{"role": "user", "content": "Q"}] and len(group.candidates) == 2
 
 
@@ -66,7 +66,7 @@ def test_llamafactory_ranking_demo_gives_two_candidates():
     data = read(SHARED / "llamafactory" / "dpo_en_demo.json", CFG)
     assert data.format.name == "preference"
     raw = json.loads((SHARED / "llamafactory" / "dpo_en_demo.json").read_text())
-    first = data.groups[0]
+    first = data.texts()[0]
     assert [c.source for c in first.candidates] == ["chosen", "rejected"]
     assert first.candidates[0].response == raw[0]["chosen"]["value"]
     assert first.prompt[-1]["content"] == raw[0]["conversations"][-1]["value"]
@@ -79,11 +79,11 @@ def test_trl_preference_shapes(tmp_path):
          "rejected": [{"role": "assistant", "content": "b"}]},
     ]
     for i, row in enumerate(rows):
-        (group,) = read(write_jsonl(tmp_path / f"p{i}.jsonl", [row]), CFG).groups
+        (group,) = read(write_jsonl(tmp_path / f"p{i}.jsonl", [row]), CFG).texts()
         assert len(group.candidates) == 2 and group.prompt[-1]["role"] == "user"
     implicit = {"chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "g"}],
                 "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "b"}]}
-    (group,) = read(write_jsonl(tmp_path / "imp.jsonl", [implicit]), CFG).groups
+    (group,) = read(write_jsonl(tmp_path / "imp.jsonl", [implicit]), CFG).texts()
     assert list(group.prompt) == [{"role": "user", "content": "Q"}]
 
 
@@ -91,7 +91,7 @@ def test_min_candidates_drops_and_counts(tmp_path):
     rows = [{"id": "a", "instruction": "x", "output": "1"}, {"id": "a", "instruction": "x", "output": "2"},
             {"id": "b", "instruction": "y", "output": "3"}]
     data = read(write_jsonl(tmp_path / "m.jsonl", rows), GrapeConfig(cache_dir=None, min_candidates=2))
-    assert [g.key for g in data.groups] == ["a"]
+    assert [g.key for g in data.texts()] == ["a"]
     assert data.grouped.drops.as_dict() == {"candidates": {"too_few_candidates": 1}, "instructions": {"too_few_candidates": 1}, "rows": {}}
 
 
@@ -104,7 +104,7 @@ def test_parquet_csv_and_saved_dataset(tmp_path):
     ds.save_to_disk(str(tmp_path / "saved"))
     for path in ("p.parquet", "p.csv", "saved"):
         data = read(tmp_path / path, CFG)
-        assert [len(g.candidates) for g in data.groups] == [8, 8]
+        assert [len(g.candidates) for g in data.texts()] == [8, 8]
 
 
 @pytest.mark.parametrize(
@@ -146,7 +146,7 @@ def test_missing_and_empty_files(tmp_path):
 def test_named_columns_override_detection(tmp_path):
     rows = [{"instruction": "x", "reply": "a", "who": "m1", "qid": "q"}, {"instruction": "x", "reply": "b", "who": "m2", "qid": "q"}]
     cfg = GrapeConfig(cache_dir=None, response_column="reply", source_column="who", group_by="qid")
-    (group,) = read(write_jsonl(tmp_path / "c.jsonl", rows), cfg).groups
+    (group,) = read(write_jsonl(tmp_path / "c.jsonl", rows), cfg).texts()
     assert group.key == "q" and [c.source for c in group.candidates] == ["m1", "m2"]
     with pytest.raises(GrapeError, match="--response-column nope: no such column; its columns are instruction, reply"):
         read(Path(tmp_path / "c.jsonl"), GrapeConfig(cache_dir=None, response_column="nope"))

@@ -106,8 +106,9 @@ class AxolotlHost(Host):
 
     def write(self, selection: Selection, folder: Path) -> None:
         """One ``selected_<entry>.jsonl`` per entry that kept any row."""
+        picked = selection.picks(texts=True)
         for part, entry in enumerate(self.entries):
-            picks = [(g, c) for g, c in selection.picks() if c.part == part]
+            picks = [(g, c) for g, c in picked if c.part == part]
             if picks:
                 rows = entry.training_rows(picks)
                 rows.to_json(str(folder / f"selected_{part}.jsonl"), lines=True, force_ascii=False)
