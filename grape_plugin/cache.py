@@ -41,7 +41,7 @@ SCORED, LOGPROBS, RANKS, TRUNCATED = 1, 2, 4, 8
 SUFFIX = ".grs"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
     """What the cache holds for one candidate: its score (None when it was not scored: too long, or in an instruction
     that needed no scores), its rendered length after ``max_length`` (0: too long, dropped), whether it was cut, and

@@ -10,6 +10,7 @@ HH-RLHF and Nectar) is read as chat turns.
 from __future__ import annotations
 
 import re
+import sys
 from collections import Counter
 from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequence
@@ -372,8 +373,10 @@ def outline(draft: Draft, part: int) -> tuple[str, Candidate]:
     """A draft's prompt hash and its candidate without the text (its digest and size instead)."""
     prompt_chars = sum(len(m["content"]) for m in draft.prompt)
     cand = draft.candidate
-    return prompt_key(draft.prompt, draft.context), replace(
-        cand, response="", part=part, digest=text_digest(cand.response), chars=prompt_chars + len(cand.response))
+    source = None if cand.source is None else sys.intern(cand.source)  # one string per source, not per row
+    return prompt_key(draft.prompt, draft.context), replace(cand, response="", source=source, part=part,
+                                                            digest=text_digest(cand.response),
+                                                            chars=prompt_chars + len(cand.response))  # fmt: skip
 
 
 def read_drafts(inputs: Sequence[Input]) -> tuple[list[Read], Counter, list[str]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -60,6 +61,7 @@ def load(path: Path) -> Optional[Grouped]:
     except (OSError, pa.ArrowInvalid):
         return None
     col = table.to_pydict()
+    col["source"] = [None if s is None else sys.intern(s) for s in col["source"]]
     groups: list[Group] = []
     members: list[Candidate] = []
     for at, n in enumerate(col["group"]):

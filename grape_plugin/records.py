@@ -12,7 +12,7 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Seque
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Candidate:
     """One response to an instruction, and where it stands in the input.
 
@@ -37,7 +37,7 @@ class Candidate:
         return self.part, self.row, -1 if self.item is None else self.item
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Group:
     """One instruction: its prompt as chat messages and its candidate responses.
 
@@ -77,7 +77,7 @@ def text_digest(text: str) -> bytes:
     return hashlib.sha256(text.encode("utf-8")).digest()[:16]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Score:
     """Sum of response-token log-probabilities and their count (``mean`` is GRAPE's score), and optionally each
     response token's log-probability (float32) and rank (int32: how many vocabulary entries have a strictly higher
