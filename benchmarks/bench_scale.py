@@ -7,7 +7,8 @@ per token, so every second measured is grape-plugin's (it still returns per-toke
 real scorer). Pools are made from ../shared/data/alpaca_eval_pool.jsonl (805 instructions x 8 generators),
 replicated with distinct ids and prompt variants up to each size; the tokenizer is the embedded SmolLM2's.
 Each size runs under torchrun with 1 and 2 gloo ranks (fresh cache), then once more with 1 rank on the warm cache
-(the rerun). Side by side, in the same run: the batched fast tokenizer alone on the same texts, with offsets.
+(the rerun). Side by side, in the same run: the batched fast tokenizer alone on the same texts, called as rendering
+calls it (RENDER_BATCH texts a call, no offsets).
 
 Memory, per rank: ``anon`` is the peak RssAnon (sampled every 10 ms from /proc/self/status: Python objects and
 other private memory; file pages of memory-mapped Arrow data are not in it), ``hwm`` is VmHWM (peak resident set,
@@ -161,18 +162,19 @@ def smollm2_tokenizer(out: Path) -> Path:
     return out
 
 
-def tokenizer_alone(tokenizer: Path, pool: Path, batch: int = 1000) -> tuple[float, int]:
-    """Tokens/s of the batched fast tokenizer (with offsets, as rendering needs) on the paper-template texts."""
+def tokenizer_alone(tokenizer: Path, pool: Path) -> tuple[float, int]:
+    """Tokens/s of the tokenizer call rendering makes (``RENDER_BATCH`` paper-template texts a call, no offsets:
+    the span is read from the Rust encodings), without the rest of rendering."""
     from transformers import AutoTokenizer
 
-    from grape_plugin.render import paper_prompt
+    from grape_plugin.render import RENDER_BATCH, paper_prompt
 
     tok = AutoTokenizer.from_pretrained(str(tokenizer))
     rows = [json.loads(line) for line in pool.read_text(encoding="utf-8").splitlines()]
     texts = [paper_prompt([{"role": "user", "content": r["instruction"]}]) + r["output"] for r in rows]
     start, tokens = time.perf_counter(), 0
-    for at in range(0, len(texts), batch):
-        enc = tok(texts[at : at + batch], add_special_tokens=True, return_offsets_mapping=True)
+    for at in range(0, len(texts), RENDER_BATCH):
+        enc = tok(texts[at : at + RENDER_BATCH], add_special_tokens=True)
         tokens += sum(map(len, enc["input_ids"]))
     return tokens / (time.perf_counter() - start), tokens
 
@@ -218,7 +220,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                     f"{s.get(k, 0):7.2f} " for k in ("read", "render", "score", "gather", "select", "write")) + f"{x['seconds']:7.2f} "
                     f"{x['tokens'] / x['seconds'] / 1e3:6.0f}k  {mib(x['anon_peak']):>10}  {mib(x['hwm']):>8}"
                     + (f"  rank {x['rank']}: {x['tokens_here'] / x['tokens']:.0%} of tokens" if label == "2" else ""))
-        print(f"{n:5d} instr  batched fast tokenizer alone (offsets on): {r['tokenizer_tok_s'] / 1e3:.0f}k tok/s")
+        print(f"{n:5d} instr  tokenizer alone (rendering's call, no offsets): {r['tokenizer_tok_s'] / 1e3:.0f}k tok/s")
     small, big = runs[sizes[0]], runs[sizes[-1]]
     grow = lambda x, y: (y["anon_peak"] - x["anon_peak"]) / (y["tokens"] - x["tokens"])  # noqa: E731
     per_token = grow(small["one"], big["one"])

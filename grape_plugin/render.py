@@ -56,20 +56,52 @@ def render_texts(tokenizer: Any, texts: Sequence[Text], add_special_tokens: bool
     """Tokenise many texts in one call; each response is every token overlapping its character span."""
     import numpy as np
 
-    try:
-        enc = tokenizer([t for t, _, _ in texts], add_special_tokens=add_special_tokens, return_offsets_mapping=True)
-    except NotImplementedError:
+    enc = tokenizer([t for t, _, _ in texts], add_special_tokens=add_special_tokens)
+    encodings = getattr(enc, "encodings", None)
+    if encodings is None:
         raise GrapeError(
             f"tokenizer {type(tokenizer).__name__} gives no character offsets; a fast (Rust) tokenizer is needed"
-        ) from None
+        )
     out = []
-    for ids, offsets, (_, char_start, char_end) in zip(enc["input_ids"], enc["offset_mapping"], texts):
-        at = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-        span = np.flatnonzero((at[:, 1] > at[:, 0]) & (at[:, 1] > char_start) & (at[:, 0] < char_end))
-        if not len(span):
-            raise GrapeError("the response rendered to no tokens")
-        out.append(Rendered(np.asarray(ids, dtype=np.int32), int(span[0]), int(span[-1]) + 1))
+    for ids, encoding, (_, char_start, char_end) in zip(enc["input_ids"], encodings, texts):
+        span = encoding_span(encoding, char_start, char_end) or offsets_span(encoding.offsets, char_start, char_end)
+        out.append(Rendered(np.array(ids, dtype=np.int32), *span))
     return out
+
+
+def offsets_span(offsets: Sequence[tuple[int, int]], char_start: int, char_end: int) -> tuple[int, int]:
+    """The response span by definition: first to last non-empty token overlapping ``[char_start, char_end)``."""
+    import numpy as np
+
+    at = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    span = np.flatnonzero((at[:, 1] > at[:, 0]) & (at[:, 1] > char_start) & (at[:, 0] < char_end))
+    if not len(span):
+        raise GrapeError("the response rendered to no tokens")
+    return int(span[0]), int(span[-1]) + 1
+
+
+def encoding_span(encoding: Any, char_start: int, char_end: int) -> Optional[tuple[int, int]]:
+    """``offsets_span`` read from a Rust ``Encoding`` without converting its offsets: the tokens holding the first and
+    the last response character, widened over neighbours that overlap too (the byte pieces of one character share its
+    offsets). Exact when non-empty tokens' offsets never go backwards; None when a boundary character is in no token."""
+    if char_end <= char_start:
+        return None
+    first, last = encoding.char_to_token(char_start), encoding.char_to_token(char_end - 1)
+    if first is None or last is None:
+        return None
+
+    def widen(token: int, step: int) -> int:  # past empty tokens, up to the nearest non-empty one not overlapping
+        probe = token + step
+        while 0 <= probe < len(encoding):
+            chars = encoding.token_to_chars(probe)
+            if chars is not None and chars[0] < chars[1]:
+                if chars[1] <= char_start or chars[0] >= char_end:
+                    break
+                token = probe
+            probe += step
+        return token
+
+    return widen(first, -1), widen(last, 1) + 1
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
