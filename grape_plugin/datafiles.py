@@ -43,7 +43,22 @@ def read_dataset(path: str | Path, split: Optional[str] = None) -> Any:
         raise GrapeError(f"{path}: cannot read it: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
     if len(data) == 0:
         raise GrapeError(f"{path}: the file has no rows")
+    release_memory()  # converting the file to Arrow freed about as much as the file: give it back
     return data
+
+
+def release_memory() -> None:
+    """Give freed memory back to the OS: Arrow's pool and glibc's heap keep what was freed (parsed rows, texts) for
+    reuse, so the resident memory of a long run would otherwise stay at its highest point."""
+    import ctypes
+    import ctypes.util
+
+    import pyarrow as pa
+
+    pa.default_memory_pool().release_unused()
+    libc = ctypes.util.find_library("c")
+    if libc and hasattr(ctypes.CDLL(libc), "malloc_trim"):
+        ctypes.CDLL(libc).malloc_trim(0)
 
 
 def pick_split(data: Any, split: Optional[str], where: str, option: str = "--split") -> Any:

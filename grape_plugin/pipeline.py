@@ -56,7 +56,7 @@ class FileInput:
 def read(path: str | Path, cfg: GrapeConfig, limit: Optional[int] = None) -> FileInput:
     """Read a file and group its candidates (outlines, remembered in ``cache_dir`` for the next run on the same data
     and options); ``limit`` keeps the first N instructions."""
-    from .datafiles import read_dataset
+    from .datafiles import read_dataset, release_memory
     from .outlines import outline_key, remembered
 
     path = Path(path)
@@ -66,6 +66,7 @@ def read(path: str | Path, cfg: GrapeConfig, limit: Optional[int] = None) -> Fil
     inputs = [Input(dataset, fmt, ctx)]
     key = outline_key(dataset._fingerprint, fmt.name, cfg, limit)
     grouped = remembered(cfg.cache_dir, key, lambda: group_rows(inputs, cfg.min_candidates, limit))
+    release_memory()  # the rows' texts, read to group them
     return FileInput(path, dataset, fmt, ctx, replace(grouped, load=loader(inputs)))
 
 
@@ -229,6 +230,8 @@ def score_share(groups: Sequence[Group], load: Loader, render: Renderer, scorer:
     ids are in memory at once."""
     from tqdm.auto import tqdm
 
+    from .datafiles import release_memory
+
     kept, scores, fits, drops, tally = [], {}, {}, Drops(), [0] * 5
     with tqdm(total=0, unit="tok", desc="scoring", disable=rank_world()[0] != 0) as bar:
         for chunk in group_chunks(groups, SHARE_CHUNK):
@@ -241,6 +244,7 @@ def score_share(groups: Sequence[Group], load: Loader, render: Renderer, scorer:
             fits.update(part.fits)
             drops += part.drops
             tally = [a + b for a, b in zip(tally, counts(part))]
+            release_memory()  # the chunk's texts and token ids
     return Share(kept, scores, fits, drops, *tally)
 
 
