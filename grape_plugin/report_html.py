@@ -3,7 +3,8 @@
 Charts are drawn straight into SVG (embedded as data URIs) from aggregated numbers: counts, histograms,
 quantiles and evenly thinned points, so their size and cost do not grow with the candidates; the counts come
 from ``report.summary``; the
-table lists every candidate of the first ``TABLE_INSTRUCTIONS`` instructions with a search box. All dataset
+table lists the first ``TABLE_INSTRUCTIONS`` instructions, each with its best ``TABLE_CANDIDATES`` candidates
+(and any kept one), with a search box: the page stays bounded however many candidates there are. All dataset
 text is HTML-escaped, and a Content-Security-Policy lets only the page's own script and style run and loads
 nothing from the network.
 """
@@ -21,7 +22,8 @@ from .records import Selection
 from .report import Tally, summary
 
 TABLE_INSTRUCTIONS = 300  # instructions listed in the table; scores.jsonl has them all
-RESPONSE_CHARS = 2000  # response text embedded per candidate
+TABLE_CANDIDATES = 20  # best-scored candidates listed per instruction (and any kept one below them)
+RESPONSE_CHARS = 2000  # instruction and response text embedded per row
 TOP_SOURCES = 20  # sources drawn in the per-source charts
 DENSITY_BINS = 120  # a violin's density is smoothed from a histogram of this many bins
 RUG_POINTS = 500  # a source's scores are marked by at most this many evenly spaced quantiles
@@ -297,7 +299,7 @@ def clip(text: str) -> str:
 
 
 def table_html(selection: Selection) -> str:
-    """Instructions with every candidate, best score first, kept ones marked; a search box filters them."""
+    """Instructions with their best candidates, best score first, kept ones marked; a search box filters them."""
     e = html.escape
     bodies = []
     for g in selection.groups[:TABLE_INSTRUCTIONS]:
@@ -305,10 +307,11 @@ def table_html(selection: Selection) -> str:
         earlier = f" (+{len(g.prompt) - 1} earlier messages)" if len(g.prompt) > 1 else ""
         status = "" if kept is not None else " — not kept (over budget)"
         rows = [f'<tr class="instr"><td colspan="5"><span class="key">{e(g.key)}</span> '
-                f"{e(g.prompt[-1]['content'])}{e(earlier + status)}</td></tr>"]
+                f"{e(clip(g.prompt[-1]['content']))}{e(earlier + status)}</td></tr>"]
         ranked = sorted(g.candidates, key=lambda c: -selection.scores[(g.key, c.index)].mean
                         if (g.key, c.index) in selection.scores else float("inf"))
-        for c in ranked:
+        shown = [c for n, c in enumerate(ranked) if n < TABLE_CANDIDATES or (kept is not None and c.index in kept)]
+        for c in shown:
             s = selection.scores.get((g.key, c.index))
             won = kept is not None and c.index in kept
             long = " long" if len(c.response) > 300 or c.response.count("\n") > 4 else ""
@@ -318,6 +321,9 @@ def table_html(selection: Selection) -> str:
                 f"<td class=\"num\">{'-' if s is None else s.n_tokens}</td>"
                 f'<td class="resp{long}"><div>{e(clip(c.response))}</div></td></tr>'
             )
+        if len(shown) < len(ranked):
+            rows.append(f'<tr class="more"><td colspan="5" class="note">{len(ranked) - len(shown)} more candidates '
+                        "ranked below; scores.jsonl has them all</td></tr>")
         bodies.append(f'<tbody class="group">{"".join(rows)}</tbody>')
     note = ""
     if len(selection.groups) > TABLE_INSTRUCTIONS:
