@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from array import array
 from collections import Counter
 from dataclasses import dataclass
+from json.encoder import encode_basestring  # type: ignore[attr-defined]
 from typing import Any, Optional, Sequence
 
 from .config import GrapeConfig
@@ -87,6 +89,21 @@ class Tally:
             np.frombuffer(score), np.frombuffer(tokens, dtype=np.int64), np.frombuffer(won, dtype=np.int8).astype(bool),
             np.frombuffer(gaps), np.fromiter((s.mean for s in scores.values()), float, len(scores)),
         )
+
+
+def json_number(value: Any) -> str:
+    """``json.dumps(value)`` for a number or None, without the encoder's per-call cost for an int or finite float."""
+    kind = type(value)
+    return repr(value) if kind is int or (kind is float and math.isfinite(value)) else json.dumps(value)
+
+
+def score_line(row: dict[str, Any]) -> str:
+    """A ``pipeline.score_rows`` row (a scores.jsonl line) as ``json.dumps(row, ensure_ascii=False)`` writes it, in a fraction of its time."""
+    source = "null" if row["source"] is None else encode_basestring(row["source"])
+    return (f'{{"group": {encode_basestring(row["group"])}, "index": {row["index"]}, "part": {row["part"]}, '
+            f'"row": {row["row"]}, "source": {source}, "score": {json_number(row["score"])}, '
+            f'"fit": {json_number(row["fit"])}, "logprob_sum": {json_number(row["logprob_sum"])}, '
+            f'"n_tokens": {json_number(row["n_tokens"])}, "selected": {"true" if row["selected"] else "false"}}}\n')
 
 
 def median(values: Any) -> Optional[float]:
