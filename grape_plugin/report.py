@@ -31,7 +31,7 @@ class Tally:
     wins: Counter  # kept candidates per source, in the order of ``kept`` (empty when nothing was compared)
     offered: Counter  # candidates per source
     sources: tuple[str, ...]  # source names ("(none)" for no source); ``source`` indexes them
-    source: Any  # int32
+    source: Any  # C int
     score: Any  # float64: mean log-prob
     tokens: Any  # int64
     won: Any  # bool: kept
@@ -83,9 +83,9 @@ class Tally:
         wins: Counter = Counter()
         if compared:
             for key in selection.kept:
-                wins.update(kept_sources[key])
+                wins.update(kept_sources.get(key, ()))
         return cls(
-            compared, wins, Counter(dict(zip(codes, counts))), tuple(codes), np.frombuffer(source, dtype=np.int32),
+            compared, wins, Counter(dict(zip(codes, counts))), tuple(codes), np.frombuffer(source, dtype=np.intc),
             np.frombuffer(score), np.frombuffer(tokens, dtype=np.int64), np.frombuffer(won, dtype=np.int8).astype(bool),
             np.frombuffer(gaps), np.fromiter((s.mean for s in scores.values()), float, len(scores)),
         )
@@ -98,7 +98,8 @@ def json_number(value: Any) -> str:
 
 
 def score_line(row: dict[str, Any]) -> str:
-    """A ``pipeline.score_rows`` row (a scores.jsonl line) as ``json.dumps(row, ensure_ascii=False)`` writes it, in a fraction of its time."""
+    """A ``pipeline.score_rows`` row as the scores.jsonl line ``json.dumps(row, ensure_ascii=False)`` writes,
+    in a fraction of its time."""
     source = "null" if row["source"] is None else encode_basestring(row["source"])
     return (f'{{"group": {encode_basestring(row["group"])}, "index": {row["index"]}, "part": {row["part"]}, '
             f'"row": {row["row"]}, "source": {source}, "score": {json_number(row["score"])}, '
