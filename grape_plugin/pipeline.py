@@ -397,15 +397,17 @@ def score_rows(selection: Selection) -> Iterator[dict[str, Any]]:
 
 def write_report(selection: Selection, out_dir: str | Path) -> dict[str, Path]:
     """``scores.jsonl`` (one row per candidate), ``report.json`` (the summary) and ``report.html`` (charts and a
-    browsable table) in ``out_dir``; every host calls this."""
-    from .report import summary
+    browsable table) in ``out_dir``; every host calls this. The candidates are gone through twice: once to stream
+    scores.jsonl, once to tally what the summary and the page need (``report.Tally``)."""
+    from .report import Tally, score_line, summary
     from .report_html import write_html
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"scores": out / "scores.jsonl", "report": out / "report.json"}
-    with open(paths["scores"], "w", encoding="utf-8") as fh:
-        fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in score_rows(selection))
-    paths["report"].write_text(json.dumps(summary(selection), indent=2, ensure_ascii=False) + "\n")
-    paths["html"] = write_html(selection, out / "report.html")
+    with open(paths["scores"], "w", encoding="utf-8", buffering=1 << 20) as fh:
+        fh.writelines(map(score_line, score_rows(selection)))
+    tally = Tally.of(selection)
+    paths["report"].write_text(json.dumps(summary(selection, tally), indent=2, ensure_ascii=False) + "\n")
+    paths["html"] = write_html(selection, out / "report.html", tally)
     return paths

@@ -1,7 +1,10 @@
 """The selection report as one self-contained HTML page, for people to look at and share.
 
-Charts are drawn with matplotlib and embedded as SVG data URIs; the counts come from ``report.summary``; the
-table lists every candidate of the first ``TABLE_INSTRUCTIONS`` instructions with a search box. All dataset
+Charts are drawn straight into SVG (embedded as data URIs) from aggregated numbers: counts, histograms,
+quantiles and evenly thinned points, so their size and cost do not grow with the candidates; the counts come
+from ``report.summary``; the
+table lists the first ``TABLE_INSTRUCTIONS`` instructions, each with its best ``TABLE_CANDIDATES`` candidates
+(and any kept one), with a search box: the page stays bounded however many candidates there are. All dataset
 text is HTML-escaped, and a Content-Security-Policy lets only the page's own script and style run and loads
 nothing from the network.
 """
@@ -11,21 +14,21 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
-import io
-import statistics
-from collections import Counter, defaultdict
-from dataclasses import dataclass
+import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from .records import Selection
-from .report import best_gaps, summary
+from .report import Tally, summary
 
 TABLE_INSTRUCTIONS = 300  # instructions listed in the table; scores.jsonl has them all
-RESPONSE_CHARS = 2000  # response text embedded per candidate
+TABLE_CANDIDATES = 20  # best-scored candidates listed per instruction (and any kept one below them)
+RESPONSE_CHARS = 2000  # instruction and response text embedded per row
 TOP_SOURCES = 20  # sources drawn in the per-source charts
-RASTER_POINTS = 2000  # above this many points, markers are embedded as a bitmap to keep the SVG small
-DENSITY_POINTS = 4000  # a violin's density is estimated from at most this many evenly spaced quantiles
+DENSITY_BINS = 120  # a violin's density is smoothed from a histogram of this many bins
+RUG_POINTS = 500  # a source's scores are marked by at most this many evenly spaced quantiles
+SCATTER_POINTS = 2000  # kept and not-kept candidates drawn, at most, each, in the length chart
+WIDTH = 600  # chart width in pixels
 WIN, OTHER = "#2f6db5", "#9aa3ad"
 
 STYLE = """
@@ -62,128 +65,200 @@ filter();
 """
 
 
-@dataclass
-class Point:
-    """One scored candidate, for the charts."""
-
-    source: str
-    score: float
-    tokens: int
-    won: bool
+def thin(values: Any, most: int) -> Any:
+    """At most ``most`` of ``values``, evenly spaced."""
+    return values[:: max(1, -(-len(values) // most))]
 
 
-def points(selection: Selection) -> list[Point]:
-    """Every scored candidate with its source, score, response length in tokens and whether it was kept."""
-    out = []
-    for g in selection.groups:
-        kept = set(selection.kept.get(g.key, []))
-        for c in g.candidates:
-            s = selection.scores.get((g.key, c.index))
-            if s is not None:
-                out.append(Point(c.source or "(none)", s.mean, s.n_tokens, c.index in kept))
-    return out
+def quantiles(values: Any, most: int) -> Any:
+    """At most ``most`` values, evenly spaced through the sorted ``values`` (a numpy array)."""
+    import numpy as np
+
+    return thin(np.sort(values), most)
 
 
-def new_chart(title: str, height: float = 4.0) -> tuple[Any, Any]:
-    """A figure with one titled axes in the style every chart shares (no pyplot: no global state)."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, height), layout="constrained")
-    ax = fig.add_subplot()
-    ax.set_title(title, loc="left")
-    ax.spines[["top", "right"]].set_visible(False)
-    return fig, ax
+def ticks(lo: float, hi: float, most: int = 6) -> list[float]:
+    """Round values (1, 2 or 5 times a power of ten apart) from ``lo`` to ``hi``, at most ``most`` of them."""
+    step = 10.0 ** math.floor(math.log10((hi - lo) / most))
+    step *= next(m for m in (1, 2, 5, 10) if (hi - lo) / (step * m) <= most)
+    return [round(k * step, 12) for k in range(math.ceil(lo / step - 1e-9), math.floor(hi / step + 1e-9) + 1)]
 
 
-def svg_image(fig: Any) -> str:
-    """A figure as an ``<img>`` holding its SVG (a data URI keeps each figure's ids to itself); its title is the alt."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="svg")
-    data = base64.b64encode(buf.getvalue()).decode("ascii")
-    alt = html.escape(fig.axes[0].get_title(loc="left"))
-    return f'<img class="chart" alt="{alt}" src="data:image/svg+xml;base64,{data}">'
+def span(values: Any, pad: float = 0.04) -> tuple[float, float]:
+    """The range of ``values`` with a margin; values all (nearly) equal get a unit-wide range around them."""
+    lo, hi = float(values.min()), float(values.max())
+    if hi - lo <= 1e-9 * max(abs(lo), abs(hi), 1.0):
+        return lo - 0.5, hi + 0.5
+    return lo - pad * (hi - lo), hi + pad * (hi - lo)
 
 
-def quantiles(values: list[float]) -> list[float]:
-    """At most ``DENSITY_POINTS`` values, evenly spaced through the sorted ``values`` (a density's cost is linear)."""
-    step = -(-len(values) // DENSITY_POINTS)
-    return values if step == 1 else sorted(values)[::step]
+def number(v: float) -> str:
+    return f"{v:.6g}"
 
 
-def source_charts(selection: Selection, pts: list[Point], wins: dict[str, int]) -> list[str]:
-    """Candidates kept per source (bars, with candidates offered) and each source's score distribution (violins)."""
-    offered = Counter(c.source or "(none)" for g in selection.groups for c in g.candidates)
+class Chart:
+    """A chart drawn straight into SVG: a title, a plot area with axes, and shapes placed in data coordinates."""
+
+    def __init__(self, title: str, x: tuple[float, float], y: tuple[float, float], height: int = 300,
+                 left: int = 56) -> None:  # fmt: skip
+        self.title, self.height, self.x, self.y = title, height, x, y
+        self.box = (left, 30, WIDTH - 16, height - 40)  # plot area: left, top, right, bottom
+        self.parts: list[str] = []
+
+    def px(self, v: Any) -> Any:
+        left, _, right, _ = self.box
+        return left + (v - self.x[0]) / (self.x[1] - self.x[0]) * (right - left)
+
+    def py(self, v: Any) -> Any:
+        _, top, _, bottom = self.box
+        return bottom - (v - self.y[0]) / (self.y[1] - self.y[0]) * (bottom - top)
+
+    def text(self, x: float, y: float, text: str, anchor: str = "start", size: int = 11, extra: str = "") -> None:
+        self.parts.append(f'<text x="{x:.1f}" y="{y:.1f}" font-size="{size}" text-anchor="{anchor}"{extra}>'
+                          f"{html.escape(text)}</text>")  # fmt: skip
+
+    def axes(self, xlabel: str, ylabel: str = "", yticks: bool = True) -> None:
+        """Both axis lines, round ticks on x (and on y when ``yticks``) and the axis labels."""
+        left, top, right, bottom = self.box
+        self.parts.append(f'<path d="M{left} {top}V{bottom}H{right}" fill="none" stroke="#333"/>')
+        for v in ticks(*self.x):
+            self.parts.append(f'<path d="M{self.px(v):.1f} {bottom}v4" stroke="#333"/>')
+            self.text(self.px(v), bottom + 15, number(v), "middle")
+        self.text((left + right) / 2, self.height - 6, xlabel, "middle")
+        if yticks:
+            for v in ticks(*self.y):
+                self.parts.append(f'<path d="M{left} {self.py(v):.1f}h-4" stroke="#333"/>')
+                self.text(left - 6, self.py(v) + 4, number(v), "end")
+        if ylabel:
+            self.text(14, (top + bottom) / 2, ylabel, "middle", extra=f' transform="rotate(-90 14 {(top + bottom) / 2:.1f})"')
+
+    def categories(self, names: list[str]) -> None:
+        """Names down the y axis, the first on top (at y = len - 1)."""
+        for y, name in zip(range(len(names))[::-1], names):
+            self.text(self.box[0] - 6, self.py(y) + 4, clip_label(name), "end", 10)
+
+    def dots(self, xs: Any, ys: Any, color: str, size: float, alpha: float) -> None:
+        """One round dot per point, as a single path."""
+        d = "".join(f"M{a:.1f} {b:.1f}h0" for a, b in zip(self.px(xs).tolist(), self.py(ys).tolist()))
+        self.parts.append(f'<path d="{d}" stroke="{color}" stroke-width="{size}" stroke-linecap="round" '
+                          f'stroke-opacity="{alpha}"/>')  # fmt: skip
+
+    def image(self) -> str:
+        """The chart as an ``<img>`` holding its SVG as a data URI; its title is the alt text."""
+        svg = (f'<svg xmlns="http://www.w3.org/2000/svg" width="{WIDTH}" height="{self.height}" '
+               f'viewBox="0 0 {WIDTH} {self.height}" font-family="DejaVu Sans,Arial,sans-serif" fill="#1d2430">'
+               f'<rect width="100%" height="100%" fill="#fff"/>')  # fmt: skip
+        svg += f'<text x="{self.box[0]}" y="18" font-size="13">{html.escape(self.title)}</text>' + "".join(self.parts)
+        data = base64.b64encode((svg + "</svg>").encode("utf-8")).decode("ascii")
+        return f'<img class="chart" alt="{html.escape(self.title)}" src="data:image/svg+xml;base64,{data}">'
+
+
+def clip_label(name: str, width: int = 28) -> str:
+    return name if len(name) <= width else name[: width - 1] + "…"
+
+
+def density(values: Any) -> tuple[Any, Any]:
+    """A Gaussian kernel density (Scott's bandwidth) of ``values`` at ``DENSITY_BINS`` points over their range
+    (``span`` without a margin), computed from a histogram: linear in the values, whatever their number."""
+    import numpy as np
+
+    counts, edges = np.histogram(values, DENSITY_BINS, span(values, 0))
+    width = edges[1] - edges[0]
+    sigma = max(float(np.std(values, ddof=1)) * len(values) ** -0.2 / width, 0.5)  # in bins
+    kernel = np.exp(-0.5 * (np.arange(-math.ceil(4 * sigma), math.ceil(4 * sigma) + 1) / sigma) ** 2)
+    smooth = np.convolve(counts, kernel, mode="full")[len(kernel) // 2 : len(kernel) // 2 + len(counts)]
+    return (edges[:-1] + edges[1:]) / 2, smooth / smooth.max()
+
+
+def source_charts(t: Tally) -> list[str]:
+    """Candidates kept per source (bars, with candidates offered) and each source's score distribution (violins
+    with a median mark, and a rug of at most ``RUG_POINTS`` evenly spaced quantiles)."""
+    import numpy as np
+
+    offered, wins = t.offered, t.wins
     sources = sorted(offered, key=lambda s: (-wins.get(s, 0), -offered[s], s))[:TOP_SOURCES]
     more = f" (top {TOP_SOURCES} of {len(offered)})" if len(offered) > TOP_SOURCES else ""
-    height = max(4.0, 1.2 + 0.32 * len(sources))
+    height = int(max(300, 90 + 24 * len(sources)))
+    left = 16 + 6 * max(len(clip_label(s)) for s in sources)
     ys = range(len(sources))[::-1]  # first source on top
+    rows = (-0.6, len(sources) - 0.4)
 
-    fig, ax = new_chart("Wins per source" + more, height)
     counts = [wins.get(s, 0) for s in sources]
-    ax.barh(ys, counts, color=WIN)
+    bars = Chart("Wins per source" + more, (0, max(counts, default=0) * 1.25 + 1), rows, height, left)
+    band = (bars.py(0) - bars.py(1)) * 0.8
     for y, s, n in zip(ys, sources, counts):
-        ax.annotate(f" {n} of {offered[s]}", (n, y), va="center", fontsize=8, color="#333")
-    ax.set_yticks(list(ys), sources, fontsize=8)
-    ax.set_xlim(0, max(counts, default=0) * 1.25 + 1)
-    ax.set_xlabel("candidates kept (label: kept of offered)")
-    charts = [svg_image(fig)]
+        bars.parts.append(f'<rect x="{bars.px(0):.1f}" y="{bars.py(y) - band / 2:.1f}" width="{bars.px(n) - bars.px(0):.1f}" '
+                          f'height="{band:.1f}" fill="{WIN}"/>')  # fmt: skip
+        bars.text(bars.px(n) + 3, bars.py(y) + 4, f"{n} of {offered[s]}", size=10)
+    bars.axes("candidates kept (label: kept of offered)", yticks=False)
+    bars.categories(sources)
 
-    raster = len(pts) > RASTER_POINTS
-    by_source = defaultdict(list)
-    for p in pts:
-        by_source[p.source].append(p.score)
-    fig, ax = new_chart("Score distribution per source" + more, height)
-    spread = [(y, by_source[s]) for y, s in zip(ys, sources) if len(set(by_source[s])) > 1]
-    if spread:  # a density needs two distinct values
-        parts = ax.violinplot([quantiles(v) for _, v in spread], positions=[y for y, _ in spread], orientation="horizontal",
-                              widths=0.8, showmedians=True)
-        for body in parts["bodies"]:
-            body.set(facecolor=WIN, alpha=0.35)
+    code = {name: i for i, name in enumerate(t.sources)}
+    by_source = {s: t.score[t.source == code[s]] for s in sources}
+    violins = Chart("Score distribution per source" + more, span(t.score), rows, height, left)
     for y, s in zip(ys, sources):
-        ax.plot(by_source[s], [y] * len(by_source[s]), "|", color="#333", alpha=0.5, markersize=6, rasterized=raster)
-    ax.set_yticks(list(ys), sources, fontsize=8)
-    ax.set_xlabel("score (mean log-prob per response token)")
-    return charts + [svg_image(fig)]
+        v = by_source[s]
+        if len(v) and v.min() < v.max():  # a density needs two distinct values
+            at, dens = density(v)
+            half = dens * band / 2
+            xs, top, low = violins.px(at), violins.py(y) - half, violins.py(y) + half
+            outline = [*zip(xs, top), *zip(xs[::-1], low[::-1])]
+            violins.parts.append('<path d="M' + "L".join(f"{a:.1f} {b:.1f}" for a, b in outline) +
+                                 f'Z" fill="{WIN}" fill-opacity="0.35" stroke="{WIN}"/>')  # fmt: skip
+            mid = violins.px(float(np.median(v)))
+            violins.parts.append(f'<path d="M{mid:.1f} {violins.py(y) - band / 2:.1f}v{band:.1f}" stroke="{WIN}"/>')
+        rug = violins.px(quantiles(v, RUG_POINTS)).tolist()
+        violins.parts.append('<path d="' + "".join(f"M{a:.1f} {violins.py(y) - 5:.1f}v10" for a in rug) +
+                             '" stroke="#333" stroke-opacity="0.5"/>')  # fmt: skip
+    violins.axes("score (mean log-prob per response token)", yticks=False)
+    violins.categories(sources)
+    return [bars.image(), violins.image()]
 
 
-def length_chart(pts: list[Point]) -> str:
-    """Score against response length, kept candidates highlighted, with the correlation in the title."""
-    tokens, scores = [p.tokens for p in pts], [p.score for p in pts]
+def length_chart(t: Tally) -> str:
+    """Score against response length, kept candidates highlighted, with the correlation in the title; each of the
+    two sets is thinned to ``SCATTER_POINTS`` evenly spaced candidates (the legend says so)."""
+    import numpy as np
+
     title = "Score vs response length"
-    if len(set(tokens)) > 1 and len(set(scores)) > 1:
-        title += f" (Pearson r = {statistics.correlation(tokens, scores):.2f})"
-    fig, ax = new_chart(title)
-    raster = len(pts) > RASTER_POINTS
+    if t.tokens.min() < t.tokens.max() and t.score.min() < t.score.max():
+        title += f" (Pearson r = {np.corrcoef(t.tokens, t.score)[0, 1]:.2f})"
+    chart = Chart(title, span(t.tokens), span(t.score))
+    legend = []
     for won, color, label in ((False, OTHER, "not kept"), (True, WIN, "kept")):
-        sel = [p for p in pts if p.won == won]
-        ax.scatter([p.tokens for p in sel], [p.score for p in sel], s=12 if won else 8, color=color,
-                   alpha=0.8 if won else 0.5, label=f"{label} ({len(sel)})", rasterized=raster, linewidths=0)
-    ax.set_xlabel("response tokens")
-    ax.set_ylabel("score")
-    ax.legend(frameon=False, fontsize=8, loc="lower right" if raster else "best")  # "best" scans every point
-    return svg_image(fig)
+        at = np.flatnonzero(t.won == won)
+        drawn = thin(at, SCATTER_POINTS)
+        chart.dots(t.tokens[drawn], t.score[drawn], color, 4 if won else 3, 0.8 if won else 0.5)
+        legend.append((color, f"{label} ({len(at)}" + (f", {len(drawn)} drawn)" if len(drawn) < len(at) else ")")))
+    right, bottom = chart.box[2], chart.box[3]
+    for n, (color, label) in enumerate(legend):
+        y = bottom - 26 + 14 * n
+        chart.parts.append(f'<circle cx="{right - 8}" cy="{y - 4}" r="3" fill="{color}"/>')
+        chart.text(right - 16, y, label, "end", 10)
+    chart.axes("response tokens", "score")
+    return chart.image()
 
 
-def gap_chart(gaps: list[float]) -> str:
+def gap_chart(gaps: Any) -> str:
     """How far each instruction's best candidate is ahead of its second."""
-    fig, ax = new_chart(f"Best minus second-best score ({len(gaps)} instructions)")
-    ax.hist(gaps, bins=min(40, max(5, len(gaps) // 4)), color=WIN, alpha=0.8)
-    ax.set_xlabel("score gap")
-    ax.set_ylabel("instructions")
-    return svg_image(fig)
+    import numpy as np
+
+    counts, edges = np.histogram(gaps, min(40, max(5, len(gaps) // 4)), span(gaps, 0))
+    chart = Chart(f"Best minus second-best score ({len(gaps)} instructions)", span(edges, 0.02),
+                  (0, float(counts.max()) * 1.05))  # fmt: skip
+    for n, a, b in zip(counts.tolist(), chart.px(edges[:-1]).tolist(), chart.px(edges[1:]).tolist()):
+        chart.parts.append(f'<rect x="{a:.1f}" y="{chart.py(n):.1f}" width="{max(b - a - 0.5, 0.5):.1f}" '
+                           f'height="{chart.py(0) - chart.py(n):.1f}" fill="{WIN}" fill-opacity="0.8"/>')  # fmt: skip
+    chart.axes("score gap", "instructions")
+    return chart.image()
 
 
-def charts_html(selection: Selection, info: dict[str, Any]) -> str:
-    import matplotlib
-
-    pts = points(selection)
-    if not pts:
+def charts_html(t: Tally) -> str:
+    if not len(t.score):
         return '<p class="note">No candidate was scored (every instruction kept all its candidates).</p>'
-    gaps = best_gaps(selection)
-    with matplotlib.rc_context({"text.parse_math": False, "font.size": 9}):  # "$" in a source name is text
-        charts = source_charts(selection, pts, info["wins_per_source"]) + [length_chart(pts)]
-        if gaps:
-            charts.append(gap_chart(gaps))
+    charts = source_charts(t) + [length_chart(t)]
+    if len(t.gaps):
+        charts.append(gap_chart(t.gaps))
     return '<div class="charts">' + "".join(charts) + "</div>"
 
 
@@ -224,7 +299,7 @@ def clip(text: str) -> str:
 
 
 def table_html(selection: Selection) -> str:
-    """Instructions with every candidate, best score first, kept ones marked; a search box filters them."""
+    """Instructions with their best candidates, best score first, kept ones marked; a search box filters them."""
     e = html.escape
     bodies = []
     for g in selection.load(selection.groups[:TABLE_INSTRUCTIONS]):
@@ -232,10 +307,11 @@ def table_html(selection: Selection) -> str:
         earlier = f" (+{len(g.prompt) - 1} earlier messages)" if len(g.prompt) > 1 else ""
         status = "" if kept is not None else " — not kept (over budget)"
         rows = [f'<tr class="instr"><td colspan="5"><span class="key">{e(g.key)}</span> '
-                f"{e(g.prompt[-1]['content'])}{e(earlier + status)}</td></tr>"]
+                f"{e(clip(g.prompt[-1]['content']))}{e(earlier + status)}</td></tr>"]
         ranked = sorted(g.candidates, key=lambda c: -selection.scores[(g.key, c.index)].mean
                         if (g.key, c.index) in selection.scores else float("inf"))
-        for c in ranked:
+        shown = [c for n, c in enumerate(ranked) if n < TABLE_CANDIDATES or (kept is not None and c.index in kept)]
+        for c in shown:
             s = selection.scores.get((g.key, c.index))
             won = kept is not None and c.index in kept
             long = " long" if len(c.response) > 300 or c.response.count("\n") > 4 else ""
@@ -245,6 +321,9 @@ def table_html(selection: Selection) -> str:
                 f"<td class=\"num\">{'-' if s is None else s.n_tokens}</td>"
                 f'<td class="resp{long}"><div>{e(clip(c.response))}</div></td></tr>'
             )
+        if len(shown) < len(ranked):
+            rows.append(f'<tr class="more"><td colspan="5" class="note">{len(ranked) - len(shown)} more candidates '
+                        "ranked below; scores.jsonl has them all</td></tr>")
         bodies.append(f'<tbody class="group">{"".join(rows)}</tbody>')
     note = ""
     if len(selection.groups) > TABLE_INSTRUCTIONS:
@@ -261,9 +340,10 @@ def csp_hash(text: str) -> str:
     return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode("utf-8")).digest()).decode("ascii") + "'"
 
 
-def render_html(selection: Selection) -> str:
-    """The whole page as a string."""
-    info = summary(selection)
+def render_html(selection: Selection, tally: Optional[Tally] = None) -> str:
+    """The whole page as a string (``tally``: the selection's, if known)."""
+    tally = tally or Tally.of(selection)
+    info = summary(selection, tally)
     title = "GRAPE selection report"
     csp = f"default-src 'none'; img-src data:; style-src {csp_hash(STYLE)}; script-src {csp_hash(SCRIPT)}"
     return (
@@ -273,14 +353,14 @@ def render_html(selection: Selection) -> str:
         f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"
         f"<h1>{html.escape(title)}</h1><p class=\"sub\">Per instruction GRAPE keeps the response the base model "
         "finds most likely: the highest mean log-probability of its tokens.</p>"
-        f"<h2>Counts</h2>{counts_html(info)}<h2>Charts</h2>{charts_html(selection, info)}"
+        f"<h2>Counts</h2>{counts_html(info)}<h2>Charts</h2>{charts_html(tally)}"
         f"<h2>Instructions and candidates</h2>{table_html(selection)}<script>{SCRIPT}</script></body></html>\n"
     )
 
 
-def write_html(selection: Selection, path: str | Path) -> Path:
-    """Write the report page to ``path``."""
+def write_html(selection: Selection, path: str | Path, tally: Optional[Tally] = None) -> Path:
+    """Write the report page to ``path`` (``tally``: the selection's, if known)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(render_html(selection), encoding="utf-8")
+    path.write_text(render_html(selection, tally), encoding="utf-8")
     return path

@@ -6,6 +6,7 @@ import base64
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -164,3 +165,33 @@ def test_report_renders_in_chromium(tiny_model, pool_file, tmp_path, chromium):
     assert search("no response says this 7f3a") == [0, 0, "0 of 6 instructions shown"]
     assert search("")[0] == 6
     assert chromium.console_errors() == []
+
+
+def many_candidates(n_groups: int, per_group: int) -> Selection:
+    """``n_groups`` instructions of ``per_group`` candidates from 30 sources, scores falling with the index; the
+    last (worst) candidate of each is the one kept."""
+    groups, scores = [], {}
+    for i in range(n_groups):
+        cands = tuple(Candidate(f"response {i}.{j} " + "words " * 40, f"source {j % 30}", i * per_group + j, j)
+                      for j in range(per_group))  # fmt: skip
+        groups.append(Group(f"g{i}", ({"role": "user", "content": f"instruction {i}"},), cands))
+        scores.update({(f"g{i}", j): Score(-(1 + j / per_group + i % 97 / 100) * (10 + j % 300), 10 + j % 300)
+                       for j in range(per_group)})  # fmt: skip
+    kept = {g.key: (per_group - 1,) for g in groups}
+    return Selection(tuple(groups), scores, kept, Drops(), Stats(n_groups, n_groups * per_group))
+
+
+def test_the_page_stays_bounded_however_many_candidates():
+    cap = report_html.TABLE_INSTRUCTIONS
+    page = report_html.render_html(many_candidates(10 * cap, 8))  # 24,000 candidates: every cap reached
+    big = report_html.render_html(many_candidates(25 * cap, 8))  # 60,000: only the numbers in the page differ
+    assert len(big) < len(page) * 1.02 and f"The first {cap} of {25 * cap} instructions;" in big
+    assert big.count('<tbody class="group">') == cap and big.count('<img class="chart"') == 4
+    charts = [base64.b64decode(c).decode() for c in re.findall(r'src="data:image/svg\+xml;base64,([^"]+)"', big)]
+    assert re.search(r"kept \(7500, \d+ drawn\)", charts[2])  # the scatter is thinned, and says so
+
+    wide = report_html.render_html(many_candidates(3, 2000))  # few instructions of many candidates
+    shown = report_html.TABLE_CANDIDATES + 1  # the best ones and the kept one
+    assert wide.count('<tr class="cand') == 3 * shown and wide.count("★ kept") == 3
+    assert wide.count(f"{2000 - shown} more candidates ranked below; scores.jsonl has them all") == 3
+    assert len(wide) < len(page)
