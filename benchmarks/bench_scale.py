@@ -7,8 +7,9 @@ per token, so every second measured is grape-plugin's (it still returns per-toke
 real scorer). Pools are made from ../shared/data/alpaca_eval_pool.jsonl (805 instructions x 8 generators),
 replicated with distinct ids and prompt variants up to each size; the tokenizer is the embedded SmolLM2's.
 Each size runs under torchrun with 1 and 2 gloo ranks (fresh cache), then once more with 1 rank on the warm cache
-(the rerun). Side by side, in the same run: the batched fast tokenizer alone on the same texts, called as rendering
-calls it (RENDER_BATCH texts a call, no offsets).
+(the rerun). Side by side, in the same run: the fast tokenizer alone on the same texts, in its plain batched call
+``tokenizer(texts)`` (RENDER_BATCH texts a call): the physical limit of rendering. Each run's clock starts once
+torch, datasets and transformers are imported (a constant of every process, printed apart).
 
 Memory, per rank: ``anon`` is the peak RssAnon (sampled every 10 ms from /proc/self/status: Python objects and
 other private memory; file pages of memory-mapped Arrow data are not in it), ``hwm`` is VmHWM (peak resident set,
@@ -110,6 +111,11 @@ def worker(pool: str, tokenizer: str, cache: str, out: str) -> None:
     load_plugins().register(StandInPlugin(), name="bench-stand-in")
     dist.init_process_group("gloo")
     rank, world = rank_world()
+    at = time.perf_counter()
+    import datasets  # noqa: F401 (imported before the clock starts, like torch: a constant of every process)
+    import transformers.models.auto.tokenization_auto  # noqa: F401
+
+    imports_s = time.perf_counter() - at
     cfg = GrapeConfig(model=tokenizer, scorer="stand-in", cache_dir=cache)
     base = status_bytes("RssAnon")
     peak = PeakAnon()
@@ -124,7 +130,7 @@ def worker(pool: str, tokenizer: str, cache: str, out: str) -> None:
     write_s = time.perf_counter() - at
     total = time.perf_counter() - start
     result = {
-        "rank": rank, "world": world, "seconds": total,
+        "rank": rank, "world": world, "seconds": total, "imports": imports_s,
         "stages": {"read": read_s, **sel.stats.stages, "write": write_s},
         "tokens": sel.stats.tokens, "tokens_here": sel.stats.tokens_here,
         "anon_base": base, "anon_peak": peak.stop(), "hwm": status_bytes("VmHWM"),
@@ -163,8 +169,9 @@ def smollm2_tokenizer(out: Path) -> Path:
 
 
 def tokenizer_alone(tokenizer: Path, pool: Path) -> tuple[float, int]:
-    """Tokens/s of the tokenizer call rendering makes (``RENDER_BATCH`` paper-template texts a call, no offsets:
-    the span is read from the Rust encodings), without the rest of rendering."""
+    """Tokens/s of the fast tokenizer's plain batched call, ``tokenizer(texts)`` (``RENDER_BATCH`` paper-template
+    texts a call). Rendering makes the same call without the attention masks it has no use for, and reads each
+    response's span from the Rust encodings (no offsets are converted)."""
     from transformers import AutoTokenizer
 
     from grape_plugin.render import RENDER_BATCH, paper_prompt
@@ -220,7 +227,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                     f"{s.get(k, 0):7.2f} " for k in ("read", "render", "score", "gather", "select", "write")) + f"{x['seconds']:7.2f} "
                     f"{x['tokens'] / x['seconds'] / 1e3:6.0f}k  {mib(x['anon_peak']):>10}  {mib(x['hwm']):>8}"
                     + (f"  rank {x['rank']}: {x['tokens_here'] / x['tokens']:.0%} of tokens" if label == "2" else ""))
-        print(f"{n:5d} instr  tokenizer alone (rendering's call, no offsets): {r['tokenizer_tok_s'] / 1e3:.0f}k tok/s")
+        print(f"{n:5d} instr  tokenizer alone (plain batched call): {r['tokenizer_tok_s'] / 1e3:.0f}k tok/s")
     small, big = runs[sizes[0]], runs[sizes[-1]]
     grow = lambda x, y: (y["anon_peak"] - x["anon_peak"]) / (y["tokens"] - x["tokens"])  # noqa: E731
     per_token = grow(small["one"], big["one"])
@@ -228,6 +235,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     pipeline_tok_s = big["one"]["tokens"] / big["one"]["seconds"]
     two_s = max(x["seconds"] for x in big["two"])
     print(f"anon growth per token of the pool: 1 rank {per_token:.1f} B, 2 ranks {per_token_2:.1f} B per rank")
+    print(f"not timed: importing datasets and transformers, {big['one']['imports']:.2f} s per process")
     print(f"projection for the paper's {PAPER_TOKENS / 1e6:.0f}M-token pool: 1 rank {PAPER_TOKENS / pipeline_tok_s / 60:.0f} min, "
           f"anon {(big['one']['anon_base'] + per_token * PAPER_TOKENS) / 2**30:.1f} GiB; 2 ranks "
           f"{PAPER_TOKENS / (big['two'][0]['tokens'] / two_s) / 60:.0f} min, anon "

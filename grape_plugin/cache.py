@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import mmap
 import os
 import socket
 import struct
@@ -26,7 +27,7 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator, Optional
+from typing import BinaryIO, Iterable, Iterator, NamedTuple, Optional
 
 from .render import Rendered
 from .scoring import Score
@@ -39,6 +40,17 @@ FRAME = struct.Struct("<II")  # payload length, CRC-32 of the payload
 RECORD = struct.Struct("<32sdiiB")  # key, logprob_sum, n_tokens, n_ids, flags
 SCORED, LOGPROBS, RANKS, TRUNCATED = 1, 2, 4, 8
 SUFFIX = ".grs"
+SYNC_SECONDS = 10.0
+
+
+class Located(NamedTuple):
+    """Where a key's record is: file number (in ``ScoreCache.files()``), payload offset and length, and its first
+    ``RECORD.size`` bytes (the score without the arrays, and the flags)."""
+
+    file: int
+    offset: int
+    length: int
+    head: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,25 +101,29 @@ def knows(flags: int) -> tuple[bool, bool]:
     return bool(flags & SCORED), bool(flags & SCORED and flags & LOGPROBS)
 
 
-def records(path: Path) -> Iterator[tuple[bytes, int, bytes]]:
-    """(key, offset, payload) of each complete, intact record of one file, read a record at a time."""
+def records(path: Path) -> Iterator[tuple[bytes, int, int, bytes]]:
+    """(key, payload offset, payload length, the payload's first ``RECORD.size`` bytes) of each complete, intact
+    record of one file (memory-mapped: only what is returned is copied)."""
     with open(path, "rb") as fh:
-        head = fh.read(HEAD.size)
-        if len(head) < HEAD.size or HEAD.unpack(head) != (MAGIC, SCHEMA):
+        size = os.fstat(fh.fileno()).st_size
+        if size < HEAD.size or HEAD.unpack(fh.read(HEAD.size)) != (MAGIC, SCHEMA):
             log.info("score cache: %s is not a schema-%d file; ignored", path, SCHEMA)
             return
-        while frame := fh.read(FRAME.size):
-            length, crc = FRAME.unpack(frame) if len(frame) == FRAME.size else (0, 0)
-            payload = fh.read(length) if length >= RECORD.size else b""
-            if len(payload) < max(length, RECORD.size):
-                log.info("score cache: %s ends in an incomplete record (a write in progress or killed); "
-                         "the records before it are used", path)  # fmt: skip
-                return
-            if zlib.crc32(payload) != crc:
-                log.warning("score cache: %s has a damaged record at byte %d; the rest of that file is ignored",
-                            path, fh.tell() - length - FRAME.size)  # fmt: skip
-                return
-            yield payload[:32], fh.tell() - length, payload
+        with mmap.mmap(fh.fileno(), size, access=mmap.ACCESS_READ) as data:
+            at = HEAD.size
+            while at < size:
+                length, crc = FRAME.unpack_from(data, at) if at + FRAME.size <= size else (0, 0)
+                start, at = at + FRAME.size, at + FRAME.size + length
+                if length < RECORD.size or at > size:
+                    log.info("score cache: %s ends in an incomplete record (a write in progress or killed); "
+                             "the records before it are used", path)  # fmt: skip
+                    return
+                if zlib.crc32(data[start:at]) != crc:
+                    log.warning("score cache: %s has a damaged record at byte %d; the rest of that file is ignored",
+                                path, start - FRAME.size)  # fmt: skip
+                    return
+                head = data[start : start + RECORD.size]
+                yield head[:32], start, length, head
 
 
 class ScoreCache:
@@ -119,8 +135,9 @@ class ScoreCache:
         self.folder = cache_dir / name
         self.folder.mkdir(parents=True, exist_ok=True)
         self.out: Optional[BinaryIO] = None
-        self._index: Optional[dict[bytes, tuple[int, int, int, int]]] = None  # key -> best record's file no, offset, length, flags
+        self._index: Optional[dict[bytes, Located]] = None
         self._files: list[Path] = []
+        self.synced = time.monotonic()
         if (cache_dir / f"{name}.sqlite").exists():
             log.info("score cache: %s is an older SQLite cache; ignored (its scores are computed again)",
                      cache_dir / f"{name}.sqlite")  # fmt: skip
@@ -128,17 +145,16 @@ class ScoreCache:
     def files(self) -> list[Path]:
         return sorted(self.folder.glob("*" + SUFFIX))
 
-    def index(self) -> dict[bytes, tuple[int, int, int, int]]:
+    def index(self) -> dict[bytes, Located]:
         """Where each key's best record is, over every file of this identity (read once, when first needed)."""
         if self._index is None:
             self._files, self._index = self.files(), {}
             for n, path in enumerate(self._files):
                 try:
-                    for key, offset, payload in records(path):
-                        flags = payload[RECORD.size - 1]
+                    for key, offset, length, head in records(path):
                         held = self._index.get(key)
-                        if held is None or knows(flags) >= knows(held[3]):
-                            self._index[key] = (n, offset, len(payload), flags)
+                        if held is None or knows(head[-1]) >= knows(held.head[-1]):
+                            self._index[key] = Located(n, offset, length, head)
                 except FileNotFoundError:
                     pass  # removed since listed (a compaction): its records are in the newer file
         return self._index
@@ -146,21 +162,25 @@ class ScoreCache:
     def get_many(self, keys: Iterable[bytes], arrays: bool = True) -> dict[bytes, Entry]:
         """The entries of ``keys`` found in this identity's files (entries written by this process not included);
         without ``arrays``, their scores without the per-token arrays."""
-        index, found = self.index(), {}
-        where = sorted((index[k][:3], k) for k in set(keys) if k in index)
-        handles: dict[int, BinaryIO] = {}
+        index = self.index()
+        held = {k: index[k] for k in keys if k in index}
+        if not arrays:
+            return {k: decode(at.head) for k, at in held.items()}
+        found, handles = {}, {}
         try:
-            for (n, offset, length), key in where:
-                fh = handles.get(n) or handles.setdefault(n, open(self._files[n], "rb"))  # noqa: SIM115
-                fh.seek(offset)
-                found[key] = decode(fh.read(length if arrays else RECORD.size))
+            for key, at in sorted(held.items(), key=lambda kv: kv[1][:2]):
+                fh = handles.get(at.file) or handles.setdefault(at.file, open(self._files[at.file], "rb"))  # noqa: SIM115
+                fh.seek(at.offset)
+                found[key] = decode(fh.read(at.length))
         finally:
             for fh in handles.values():
                 fh.close()
         return found
 
     def put_many(self, pairs: Iterable[tuple[bytes, Entry]]) -> None:
-        """Append entries to this process's file (created on first use) and sync it to disk."""
+        """Append entries to this process's file (created on first use). They are written through at once (a
+        killed process loses none) and synced to disk every ``SYNC_SECONDS`` and on close (against a crash of the
+        machine)."""
         data = b"".join(encode(k, e) for k, e in pairs)
         if not data:
             return
@@ -168,7 +188,13 @@ class ScoreCache:
             self.out = self._create()
         self.out.write(data)
         self.out.flush()
-        os.fsync(self.out.fileno())
+        if time.monotonic() - self.synced > SYNC_SECONDS:
+            self.sync()
+
+    def sync(self) -> None:
+        if self.out is not None:
+            os.fsync(self.out.fileno())
+        self.synced = time.monotonic()
 
     def _create(self) -> BinaryIO:
         stem = f"{socket.gethostname()}-{os.getpid()}-r{self.rank}-{time.time_ns()}"
@@ -178,6 +204,7 @@ class ScoreCache:
 
     def close(self) -> None:
         if self.out is not None:
+            self.sync()
             self.out.close()
             self.out = None
 

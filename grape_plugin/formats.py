@@ -81,6 +81,7 @@ class Format:
 
     name: str = ""
     needs: str = ""  # what the shape needs, for the error when it is named (--format) but does not fit
+    selected_reads_texts = True  # whether ``selected`` reads the picks' prompts and responses (or only their rows)
 
     def detect(self, ctx: Context) -> bool:
         raise NotImplementedError
@@ -149,6 +150,7 @@ class LongRows(Format):
     """One row per (instruction, response): alpaca-like columns, rows grouped by id or prompt."""
 
     name = "long"
+    selected_reads_texts = False
     needs = f"an instruction column ({'/'.join(PROMPT_COLUMNS)}) and a response column (--response-column)"
 
     def detect(self, ctx: Context) -> bool:
@@ -166,6 +168,7 @@ class Messages(Format):
     """Chat rows (``messages`` in OpenAI roles, or ShareGPT ``conversations``): the last assistant turn is the candidate."""
 
     name = "messages"
+    selected_reads_texts = False
     needs = "a messages/conversations column of chat turns"
 
     def column(self, ctx: Context) -> Optional[str]:
@@ -374,9 +377,9 @@ def outline(draft: Draft, part: int) -> tuple[str, Candidate]:
     prompt_chars = sum(len(m["content"]) for m in draft.prompt)
     cand = draft.candidate
     source = None if cand.source is None else sys.intern(cand.source)  # one string per source, not per row
-    return prompt_key(draft.prompt, draft.context), replace(cand, response="", source=source, part=part,
-                                                            digest=text_digest(cand.response),
-                                                            chars=prompt_chars + len(cand.response))  # fmt: skip
+    chars = prompt_chars + len(cand.response)
+    return prompt_key(draft.prompt, draft.context), Candidate("", source, cand.row, cand.index, part, cand.item,
+                                                              text_digest(cand.response), chars)  # fmt: skip
 
 
 def read_drafts(inputs: Sequence[Input]) -> tuple[list[Read], Counter, list[str]]:
@@ -387,7 +390,7 @@ def read_drafts(inputs: Sequence[Input]) -> tuple[list[Read], Counter, list[str]
     examples: list[str] = []
     for part, (rows, fmt, ctx, _) in enumerate(inputs):
         id_col = id_column(ctx)
-        for i, row in enumerate(rows):
+        for i, row in enumerate(all_rows(rows)):
             try:
                 drafts = list(fmt.read_row(row, i, ctx))
             except RowError as exc:
@@ -399,6 +402,15 @@ def read_drafts(inputs: Sequence[Input]) -> tuple[list[Read], Counter, list[str]
             row_id = None if id_col is None or row.get(id_col) is None else str(row[id_col])
             reads += [Read(part, i, row_id, *outline(d, part)) for d in drafts]
     return reads, skipped, examples
+
+
+def all_rows(rows: Any) -> Iterator[dict]:
+    """Every row in order: read a batch at a time from a ``datasets.Dataset`` (much faster than row by row)."""
+    if not hasattr(rows, "column_names"):
+        yield from rows
+        return
+    for batch in rows.iter(batch_size=1024):
+        yield from (dict(zip(batch, values)) for values in zip(*batch.values()))
 
 
 def fetch_rows(rows: Any, indices: list[int]) -> list[dict]:

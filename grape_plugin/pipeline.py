@@ -50,7 +50,8 @@ class FileInput:
 
     def selected(self, selection: Selection) -> Any:
         """The kept rows as a ``datasets.Dataset`` in the input's shape."""
-        return self.format.selected(self.dataset, selection.picks(texts=True), self.context)
+        picks = selection.picks(texts=self.format.selected_reads_texts)
+        return self.format.selected(self.dataset, picks, self.context)
 
 
 def read(path: str | Path, cfg: GrapeConfig, limit: Optional[int] = None) -> FileInput:
@@ -244,7 +245,8 @@ def score_share(groups: Sequence[Group], load: Loader, render: Renderer, scorer:
             fits.update(part.fits)
             drops += part.drops
             tally = [a + b for a, b in zip(tally, counts(part))]
-            release_memory()  # the chunk's texts and token ids
+            if here.items:
+                release_memory()  # the chunk's texts and token ids
     return Share(kept, scores, fits, drops, *tally)
 
 

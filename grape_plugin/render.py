@@ -56,7 +56,8 @@ def render_texts(tokenizer: Any, texts: Sequence[Text], add_special_tokens: bool
     """Tokenise many texts in one call; each response is every token overlapping its character span."""
     import numpy as np
 
-    enc = tokenizer([t for t, _, _ in texts], add_special_tokens=add_special_tokens)
+    enc = tokenizer([t for t, _, _ in texts], add_special_tokens=add_special_tokens, return_attention_mask=False,
+                    return_token_type_ids=False)  # fmt: skip
     encodings = getattr(enc, "encodings", None)
     if encodings is None:
         raise GrapeError(
