@@ -89,8 +89,9 @@ class Format:
     def read_row(self, row: dict, i: int, ctx: Context) -> Iterator[Draft]:
         raise NotImplementedError
 
-    def selected(self, dataset: Any, picks: list[tuple[Group, Candidate]], ctx: Context) -> Any:
-        """The kept rows as a ``datasets.Dataset`` in the input's shape (default: the original rows)."""
+    def selected(self, dataset: Any, picks: Iterable[tuple[Group, Candidate]], ctx: Context) -> Any:
+        """The kept rows as a ``datasets.Dataset`` in the input's shape (default: the original rows). ``picks`` come
+        in input order, read once (with their texts when ``selected_reads_texts``)."""
         return dataset.select(sorted({c.row for _, c in picks}))
 
     def source(self, row: dict, ctx: Context) -> Optional[str]:
@@ -242,11 +243,14 @@ class ListColumn(Format):
             yield Draft(prompt, Candidate(text, source, i, item=j))
 
     def selected(self, dataset, picks, ctx):
-        from datasets import Dataset
-
-        rows = [{**dataset[c.row], ADDED_RESPONSE: c.response, ADDED_SOURCE: c.source}
-                for _, c in sorted(picks, key=lambda p: p[1].origin)]  # fmt: skip
-        return Dataset.from_list(rows)
+        rows, responses, sources = [], [], []
+        for _, c in picks:
+            rows.append(c.row)
+            responses.append(c.response)
+            sources.append(c.source)
+        kept = dataset.select(rows)  # the rows stay in Arrow; only the kept responses are Python strings
+        kept = kept.remove_columns([c for c in (ADDED_RESPONSE, ADDED_SOURCE) if c in kept.column_names])
+        return kept.add_column(ADDED_RESPONSE, responses).add_column(ADDED_SOURCE, sources)
 
 
 def shared_dialogue(chosen: str, rejected: str) -> Optional[tuple[list[Message], str, str]]:
@@ -310,10 +314,8 @@ class Preference(Format):
     def selected(self, dataset, picks, ctx):
         from datasets import Dataset
 
-        rows = [
-            {"messages": [*g.prompt, {"role": "assistant", "content": c.response}], ADDED_SOURCE: c.source}
-            for g, c in sorted(picks, key=lambda p: p[1].origin)
-        ]
+        rows = [{"messages": [*g.prompt, {"role": "assistant", "content": c.response}], ADDED_SOURCE: c.source}
+                for g, c in picks]  # fmt: skip
         return Dataset.from_list(rows)
 
 

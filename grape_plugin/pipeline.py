@@ -50,7 +50,7 @@ class FileInput:
 
     def selected(self, selection: Selection) -> Any:
         """The kept rows as a ``datasets.Dataset`` in the input's shape."""
-        picks = selection.picks(texts=self.format.selected_reads_texts)
+        picks = selection.picks_in_order(texts=self.format.selected_reads_texts)
         return self.format.selected(self.dataset, picks, self.context)
 
 
@@ -126,6 +126,11 @@ class Share:
     cached: int = 0  # candidates whose score came from the cache
     tokens_scored: int = 0
     tokens: int = 0  # of its candidates after max_length
+
+    @property
+    def counts(self) -> tuple[int, ...]:
+        """The counts, in field order (they add up across chunks and ranks)."""
+        return self.truncated, self.scored, self.cached, self.tokens_scored, self.tokens
 
 
 def render_prefix(identity: str, render: Renderer, max_length: Optional[int], over_length: str) -> Optional[str]:
@@ -244,21 +249,17 @@ def score_share(groups: Sequence[Group], load: Loader, render: Renderer, scorer:
             scores.update(part.scores)
             fits.update(part.fits)
             drops += part.drops
-            tally = [a + b for a, b in zip(tally, counts(part))]
+            tally = [a + b for a, b in zip(tally, part.counts)]
             if here.items:
                 release_memory()  # the chunk's texts and token ids
     return Share(kept, scores, fits, drops, *tally)
-
-
-def counts(share: Share) -> tuple[int, ...]:
-    return share.truncated, share.scored, share.cached, share.tokens_scored, share.tokens
 
 
 def gather(share: Share, groups: Sequence[Group]) -> Share:
     """Every rank's share, on every rank: outcomes, scores and fits (no texts, no token ids)."""
     if rank_world()[1] == 1:
         return share
-    parts = all_gather([(share.drops, counts(share), {g.key: [c.index for c in g.candidates] for g in share.groups},
+    parts = all_gather([(share.drops, share.counts, {g.key: [c.index for c in g.candidates] for g in share.groups},
                          list(share.scores.items()), list(share.fits.items()))])  # fmt: skip
     survivors = {k: set(v) for _, _, alive, _, _ in parts for k, v in alive.items()}
     kept = [g.with_candidates(c for c in g.candidates if c.index in survivors[g.key]) for g in groups if g.key in survivors]

@@ -7,7 +7,7 @@ import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, Callable, Iterable, Mapping, NamedTuple, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Optional, Sequence
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
 
@@ -206,13 +206,20 @@ class Selection:
     fits: Mapping[tuple[str, int], float] = field(default_factory=dict)  # each scored candidate's value of it
     load: Loader = tuple  # the texts of outlines (``Grouped.load``)
 
-    def picks(self, texts: bool = False) -> list[tuple[Group, Candidate]]:
-        """Every kept (group, candidate), in the order of ``kept``; with ``texts``, their prompts and responses."""
-        kept = [g.with_candidates(c for c in g.candidates if c.index in self.kept[g.key])
-                for g in self.groups if g.key in self.kept]  # fmt: skip
-        groups = self.load(kept) if texts else kept
-        by_key = {g.key: (g, {c.index: c for c in g.candidates}) for g in groups}
+    def picks(self) -> list[tuple[Group, Candidate]]:
+        """Every kept (group, candidate), in the order of ``kept`` (outlines: no texts)."""
+        by_key = {g.key: (g, {c.index: c for c in g.candidates}) for g in self.groups if g.key in self.kept}
         return [(by_key[k][0], by_key[k][1][i]) for k, idx in self.kept.items() for i in idx]
+
+    def picks_in_order(self, texts: bool = False, chunk: int = 4096) -> Iterator[tuple[Group, Candidate]]:
+        """Every kept (group, candidate) in input order (``Candidate.origin``); with ``texts``, their prompts and
+        responses, read back ``chunk`` at a time, so that writing a selection never holds all of them."""
+        ordered = sorted(self.picks(), key=lambda p: p[1].origin)
+        for at in range(0, len(ordered), chunk):
+            part = ordered[at : at + chunk]
+            if texts:
+                part = [(g, g.candidates[0]) for g in self.load([g.with_candidates((c,)) for g, c in part])]
+            yield from part
 
     def dropping(self, keys: Iterable[str], reason: str) -> "Selection":
         """The same selection without the instructions ``keys``, counted under ``reason``."""

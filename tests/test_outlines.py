@@ -54,5 +54,8 @@ def test_a_run_in_small_chunks_loads_a_chunk_at_a_time_and_selects_the_same(pool
     assert len(loaded) == len(data.groups) and max(loaded) <= 8
     assert chunked.kept == whole.kept and chunked.fits == pytest.approx(whole.fits, abs=1e-5)  # other batches
     assert all(s.token_logprobs is None for s in chunked.scores.values())  # arrays are not kept in memory
-    (group, cand), *_ = chunked.picks(texts=True)
+    (group, cand), *_ = chunked.picks_in_order(texts=True)
     assert cand.response and group.prompt
+    in_order = list(chunked.picks_in_order(texts=True, chunk=2))  # written a couple of picks at a time
+    assert in_order == list(chunked.picks_in_order(texts=True)) and len(in_order) == len(data.groups)
+    assert [c.origin for _, c in in_order] == sorted(c.origin for _, c in chunked.picks())

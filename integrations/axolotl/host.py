@@ -106,7 +106,7 @@ class AxolotlHost(Host):
 
     def write(self, selection: Selection, folder: Path) -> None:
         """One ``selected_<entry>.jsonl`` per entry that kept any row."""
-        picked = selection.picks(texts=True)
+        picked = list(selection.picks_in_order(texts=True))
         for part, entry in enumerate(self.entries):
             picks = [(g, c) for g, c in picked if c.part == part]
             if picks:

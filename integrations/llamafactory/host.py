@@ -295,7 +295,7 @@ class LlamaFactoryHost(Host):
         """``<entry>.jsonl`` per grape entry (canonical ShareGPT rows, in input order; empty when nothing of it won)
         and a ``dataset_info.json`` that keeps every other entry, with paths made absolute."""
         rows: list[list[dict]] = [[] for _ in self.entries]
-        for group, cand in sorted(selection.picks(texts=True), key=lambda p: p[1].origin):
+        for group, cand in selection.picks_in_order(texts=True):
             a = group.context
             messages = [*a["_prompt"], {"role": "assistant", "content": cand.response}]
             rows[cand.part].append({"messages": messages, **{k[1:]: a[k] for k in ALIGNED[1:]}})
