@@ -299,25 +299,30 @@ def clip(text: str) -> str:
 
 
 def table_html(selection: Selection) -> str:
-    """Instructions with their best candidates, best score first, kept ones marked; a search box filters them."""
+    """Instructions with their best candidates by the run's metric, best first, kept ones marked; a search box
+    filters them."""
     e = html.escape
     bodies = []
+
+    def fit(key: tuple[str, int]) -> Optional[float]:
+        score = selection.scores.get(key)
+        return selection.fits.get(key, None if score is None else score.mean)
+
     for g in selection.load(selection.groups[:TABLE_INSTRUCTIONS]):
         kept = selection.kept.get(g.key)
         earlier = f" (+{len(g.prompt) - 1} earlier messages)" if len(g.prompt) > 1 else ""
         status = "" if kept is not None else " — not kept (over budget)"
         rows = [f'<tr class="instr"><td colspan="5"><span class="key">{e(g.key)}</span> '
                 f"{e(clip(g.prompt[-1]['content']))}{e(earlier + status)}</td></tr>"]
-        ranked = sorted(g.candidates, key=lambda c: -selection.scores[(g.key, c.index)].mean
-                        if (g.key, c.index) in selection.scores else float("inf"))
+        ranked = sorted(g.candidates, key=lambda c: -f if (f := fit((g.key, c.index))) is not None else float("inf"))
         shown = [c for n, c in enumerate(ranked) if n < TABLE_CANDIDATES or (kept is not None and c.index in kept)]
         for c in shown:
-            s = selection.scores.get((g.key, c.index))
+            s, value = selection.scores.get((g.key, c.index)), fit((g.key, c.index))
             won = kept is not None and c.index in kept
             long = " long" if len(c.response) > 300 or c.response.count("\n") > 4 else ""
             rows.append(
                 f'<tr class="cand{" win" if won else ""}"><td class="mark">{"★ kept" if won else ""}</td>'
-                f"<td>{e(c.source or '-')}</td><td class=\"num\">{'-' if s is None else f'{s.mean:.4f}'}</td>"
+                f"<td>{e(c.source or '-')}</td><td class=\"num\">{'-' if value is None else f'{value:.4f}'}</td>"
                 f"<td class=\"num\">{'-' if s is None else s.n_tokens}</td>"
                 f'<td class="resp{long}"><div>{e(clip(c.response))}</div></td></tr>'
             )
@@ -331,7 +336,8 @@ def table_html(selection: Selection) -> str:
     return (
         '<p><input id="q" type="search" placeholder="Search instructions, responses, sources" aria-label="search"> '
         f'<span id="shown" class="note"></span></p>{note}<table id="table"><thead><tr><th></th><th>source</th>'
-        '<th>score</th><th>tokens</th><th>response (click a long one to expand)</th></tr></thead>'
+        f'<th>{"score" if selection.metric == "mean" else e(selection.metric)}</th><th>tokens</th>'
+        '<th>response (click a long one to expand)</th></tr></thead>'
         + "".join(bodies) + "</table>"
     )
 

@@ -127,6 +127,15 @@ def test_user_text_is_escaped_and_the_table_capped(monkeypatch):
     assert page.count('<img class="chart"') == 4 and "default-src 'none'" in page  # nothing loads from outside
 
 
+def test_the_table_ranks_and_shows_the_runs_metric():
+    from dataclasses import replace
+
+    by_sum = replace(hand_selection(1), metric="sum", kept={"g0": (1,)}, fits={("g0", 0): -11.0, ("g0", 1): -5.0})
+    table = report_html.table_html(by_sum)
+    assert "<th>sum</th>" in table and table.index("-5.0000") < table.index("-11.0000")  # the kept one first
+    assert "<th>score</th>" in report_html.table_html(hand_selection(1))
+
+
 def test_preview_writes_html(tiny_model, pool_file, tmp_path, capsys):
     html = tmp_path / "sub" / "report.html"
     assert main(["preview", str(pool_file), "--model", str(tiny_model), "--limit", "2", "--no-cache", "--html", str(html)]) == 0
