@@ -157,14 +157,14 @@ def cached_entries(cache: ScoreCache, keys: dict[RenderedKey, bytes], arrays: bo
 
 
 def resolve(groups: Sequence[Group], load: Loader, render: Renderer, identity: str, cfg: GrapeConfig,
-            max_length: Optional[int], cache: Optional[ScoreCache], file: str) -> Resolved:  # fmt: skip
-    """Render the candidates of ``groups`` (outlines) that the cache cannot answer for, and apply ``max_length``.
+            max_length: Optional[int], cache: Optional[ScoreCache], file: str, arrays: bool) -> Resolved:  # fmt: skip
+    """Render the candidates of ``groups`` (outlines) that the cache cannot answer for, and apply ``max_length``;
+    cached scores are read with their per-token arrays when ``arrays``.
 
     With a keyed renderer, an instruction is answered from the cache when every candidate's outcome is cached (too
     long, or its rendered length) and, if it needs scores, every survivor's usable score: nothing of it is loaded
     or rendered. Any other instruction is rendered whole; its candidates not scored in the end (too long, or in an
     instruction that needs no scores) get an outcome-only entry, so that a rerun need not render them."""
-    arrays = metric_needs_arrays(cfg)
     prefix = None if cache is None else render_prefix(identity, render, max_length, cfg.over_length)
     keys = {} if prefix is None else {(g.key, c.index): k for g in groups for c, k in zip(g.candidates, text_keys(prefix, g))}
     known = {} if cache is None or prefix is None else cached_entries(cache, keys, arrays)
@@ -203,16 +203,16 @@ def resolve(groups: Sequence[Group], load: Loader, render: Renderer, identity: s
 
 
 def score(here: Resolved, scorer: Scorer, cfg: GrapeConfig, cache: Optional[ScoreCache], bar: Any,
-          arrays: bool) -> Share:  # fmt: skip
+          keep_arrays: bool) -> Share:  # fmt: skip
     """Score the candidates of every group that needs it, those the cache does not hold, appending to the cache.
     The scorer loads its weights only when something is left to score. Each score's fit is computed here; the
-    per-token arrays are kept only with ``arrays``."""
+    per-token arrays are kept only with ``keep_arrays``."""
     from .metrics import fit_function
 
     fit = fit_function(cfg)
     items, known = here.items, here.known
     mine = [(g.key, c.index) for g in here.groups if needs_scores(g, cfg) for c in g.candidates]
-    found = {w: known[w].score for w in mine if w in known and usable(known[w], cfg)}
+    found = {w: kept_part(known[w].score, cfg) for w in mine if w in known and usable(known[w], cfg)}
     todo = [w for w in mine if w not in found]
     size = lambda ws: sum(here.n_ids(w) for w in ws)  # noqa: E731
     bar.total += size(todo)
@@ -224,26 +224,28 @@ def score(here: Resolved, scorer: Scorer, cfg: GrapeConfig, cache: Optional[Scor
             cache.put_many((here.keys[w], Entry(s, len(items[w].input_ids), w in here.cut)) for w, s in zip(chunk, got))
     scores = {**found, **fresh}
     return Share(
-        list(here.groups), {w: s if arrays else s.without_tokens() for w, s in scores.items()},
+        list(here.groups), {w: s if keep_arrays else s.without_tokens() for w, s in scores.items()},
         {w: fit(s) for w, s in scores.items()}, here.drops, len(here.cut), len(todo), len(found), size(todo),
         size((g.key, c.index) for g in here.groups for c in g.candidates))  # fmt: skip
 
 
 def score_share(groups: Sequence[Group], load: Loader, render: Renderer, scorer: Scorer, cfg: GrapeConfig,
-                max_length: Optional[int], cache: Optional[ScoreCache], file: str, arrays: bool,
+                max_length: Optional[int], cache: Optional[ScoreCache], file: str, keep_arrays: bool,
                 clock: "Stopwatch") -> Share:  # fmt: skip
     """Render and score ``groups`` a few thousand candidates at a time, so that only one chunk's texts and token
-    ids are in memory at once."""
+    ids are in memory at once. Per-token arrays are read from the cache when the metric needs them or they are
+    kept (``keep_arrays``)."""
     from tqdm.auto import tqdm
 
     from .datafiles import release_memory
 
+    arrays = keep_arrays or metric_needs_arrays(cfg)
     kept, scores, fits, drops, tally = [], {}, {}, Drops(), [0] * 5
     with tqdm(total=0, unit="tok", desc="scoring", disable=rank_world()[0] != 0) as bar:
         for chunk in group_chunks(groups, SHARE_CHUNK):
-            here = resolve(chunk, load, render, scorer.identity, cfg, max_length, cache, file)
+            here = resolve(chunk, load, render, scorer.identity, cfg, max_length, cache, file, arrays)
             clock.lap("render")
-            part = score(here, scorer, cfg, cache, bar, arrays)
+            part = score(here, scorer, cfg, cache, bar, keep_arrays)
             clock.lap("score")
             kept += part.groups
             scores.update(part.scores)

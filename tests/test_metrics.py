@@ -187,6 +187,8 @@ def test_compare_command(tiny_model, pool_file, tmp_path, capsys):
         assert all(info["agreement"][a][b] == info["agreement"][b][a] for b in names)
     assert info["mean_tokens"]["sum"] < info["mean_tokens"]["mean"]
     assert "share of them where two metrics keep the same candidates" in text and "wins per source:" in text
+    assert main(args) == 0  # again, every score from the cache: with its per-token arrays, so nothing is skipped
+    assert json.loads(out.read_text()) == info
     assert main(["compare", str(pool_file), "--model", str(tiny_model), "--cache-dir", str(tmp_path / "c"),
                  "--metrics", "mean,rsr", "--no-keep-token-scores"]) == 0  # fmt: skip
     assert "skipped rsr: metric 'rsr' needs per-token ranks" in capsys.readouterr().out
