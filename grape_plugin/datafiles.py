@@ -6,6 +6,7 @@ line to find the first bad row.
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -50,15 +51,22 @@ def read_dataset(path: str | Path, split: Optional[str] = None) -> Any:
 def release_memory() -> None:
     """Give freed memory back to the OS: Arrow's pool and glibc's heap keep what was freed (parsed rows, texts) for
     reuse, so the resident memory of a long run would otherwise stay at its highest point."""
-    import ctypes
-    import ctypes.util
-
     import pyarrow as pa
 
     pa.default_memory_pool().release_unused()
+    trim = malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def malloc_trim() -> Optional[Callable[[int], int]]:
+    """glibc's ``malloc_trim``, looked up once (None on a C library without it)."""
+    import ctypes
+    import ctypes.util
+
     libc = ctypes.util.find_library("c")
-    if libc and hasattr(ctypes.CDLL(libc), "malloc_trim"):
-        ctypes.CDLL(libc).malloc_trim(0)
+    return getattr(ctypes.CDLL(libc), "malloc_trim", None) if libc else None
 
 
 def pick_split(data: Any, split: Optional[str], where: str, option: str = "--split") -> Any:

@@ -406,21 +406,23 @@ def read_drafts(inputs: Sequence[Input]) -> tuple[list[Read], Counter, list[str]
     return reads, skipped, examples
 
 
+def batch_rows(batch: dict[str, list]) -> list[dict]:
+    """A columnar batch (``datasets``: column -> values) as one dict per row."""
+    return [dict(zip(batch, values)) for values in zip(*batch.values())]
+
+
 def all_rows(rows: Any) -> Iterator[dict]:
     """Every row in order: read a batch at a time from a ``datasets.Dataset`` (much faster than row by row)."""
     if not hasattr(rows, "column_names"):
         yield from rows
         return
     for batch in rows.iter(batch_size=1024):
-        yield from (dict(zip(batch, values)) for values in zip(*batch.values()))
+        yield from batch_rows(batch)
 
 
 def fetch_rows(rows: Any, indices: list[int]) -> list[dict]:
     """The rows at ``indices``: one columnar read from a ``datasets.Dataset``, else one by one."""
-    if hasattr(rows, "column_names"):
-        batch = rows[indices]
-        return [dict(zip(batch, values)) for values in zip(*batch.values())]
-    return [rows[i] for i in indices]
+    return batch_rows(rows[indices]) if hasattr(rows, "column_names") else [rows[i] for i in indices]
 
 
 def loader(inputs: Sequence[Input]) -> Loader:
@@ -447,6 +449,8 @@ def loader(inputs: Sequence[Input]) -> Loader:
 def group_rows(inputs: Sequence[Input], min_candidates: int, limit: Optional[int] = None) -> Grouped:
     """Turn the rows of every input into groups (outlines, see ``Grouped``), across parts (see the module's
     docstring); ``limit`` keeps the first N instructions. ``Input.rows`` must allow reading a row by its index."""
+    from .datafiles import release_memory
+
     reads, skipped, examples = read_drafts(inputs)
     ids_per_row = Counter({(r.part, r.row): r.id for r in reads if r.id is not None}.values())
     by_id = any(n > 1 for n in ids_per_row.values()) or any(i.context.cfg.group_by not in ("auto", "prompt")
@@ -468,6 +472,8 @@ def group_rows(inputs: Sequence[Input], min_candidates: int, limit: Optional[int
                                                            "different prompt; group by prompt with --group-by prompt")
         drafts[key][1].append(cand)
     grouped = finish_groups([g.with_candidates(c) for g, c in list(drafts.values())[:limit]], min_candidates)
+    del reads  # before giving its memory back
+    release_memory()  # the rows' texts, read to group them
     return replace(grouped, drops=grouped.drops + Drops.of(rows=skipped), skipped=tuple(examples), load=loader(inputs))
 
 

@@ -57,7 +57,7 @@ class FileInput:
 def read(path: str | Path, cfg: GrapeConfig, limit: Optional[int] = None) -> FileInput:
     """Read a file and group its candidates (outlines, remembered in ``cache_dir`` for the next run on the same data
     and options); ``limit`` keeps the first N instructions."""
-    from .datafiles import read_dataset, release_memory
+    from .datafiles import read_dataset
     from .outlines import outline_key, remembered
 
     path = Path(path)
@@ -67,7 +67,6 @@ def read(path: str | Path, cfg: GrapeConfig, limit: Optional[int] = None) -> Fil
     inputs = [Input(dataset, fmt, ctx)]
     key = outline_key(dataset._fingerprint, fmt.name, cfg, limit)
     grouped = remembered(cfg.cache_dir, key, lambda: group_rows(inputs, cfg.min_candidates, limit))
-    release_memory()  # the rows' texts, read to group them
     return FileInput(path, dataset, fmt, ctx, replace(grouped, load=loader(inputs)))
 
 
