@@ -45,13 +45,10 @@ class Tally:
         codes: dict[str, int] = {}
         counts: list[int] = []
         source, score, tokens, won, gaps = array("i"), array("d"), array("q"), array("b"), array("d")
-        kept_sources: dict[str, list[str]] = {}
         compared, scores = 0, selection.scores
         for g in selection.groups:
-            kept = selection.kept.get(g.key, ())
-            kept_set = set(kept)
+            kept_set = set(selection.kept.get(g.key, ()))
             compared += len(g.candidates) > 1
-            picked: dict[int, str] = {}
             best = second = -math.inf
             n_scored = 0
             for c in g.candidates:
@@ -61,8 +58,6 @@ class Tally:
                     code = codes[name] = len(counts)
                     counts.append(0)
                 counts[code] += 1
-                if c.index in kept_set:
-                    picked[c.index] = name
                 s = scores.get((g.key, c.index))
                 if s is None:
                     continue
@@ -78,12 +73,7 @@ class Tally:
                     second = mean
             if n_scored > 1:
                 gaps.append(best - second)
-            if kept:
-                kept_sources[g.key] = [picked[i] for i in kept]
-        wins: Counter = Counter()
-        if compared:
-            for key in selection.kept:
-                wins.update(kept_sources.get(key, ()))
+        wins = Counter(c.source or "(none)" for _, c in selection.picks()) if compared else Counter()
         return cls(
             compared, wins, Counter(dict(zip(codes, counts))), tuple(codes), np.frombuffer(source, dtype=np.intc),
             np.frombuffer(score), np.frombuffer(tokens, dtype=np.int64), np.frombuffer(won, dtype=np.int8).astype(bool),
