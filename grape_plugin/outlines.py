@@ -1,7 +1,8 @@
 """A file's groups, kept on disk: a rerun on unchanged data and options reads no rows to group them again.
 
 ``cache_dir/groups/<key>.arrow`` holds the outlines (``Grouped``: keys, digests, where each candidate is; no text)
-as two Arrow tables in one IPC stream, written once and renamed into place. The key covers this release, the
+as one Arrow table (a row per candidate, with its group's key) in an IPC stream, written once and renamed into
+place. The key covers this release, the
 dataset's fingerprint (``datasets`` derives it from the file and its modification time), the format and every
 option that reading and grouping depend on. Plain data: nothing is unpickled.
 """
