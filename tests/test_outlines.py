@@ -9,6 +9,7 @@ import pytest
 from grape_plugin import GrapeConfig, pipeline
 from grape_plugin.formats import LongRows
 from grape_plugin.pipeline import read, run, run_groups
+from grape_plugin.records import Grouped
 from tests.helpers import pool_rows, write_jsonl
 
 
@@ -50,7 +51,7 @@ def test_a_run_in_small_chunks_loads_a_chunk_at_a_time_and_selects_the_same(pool
         return data.grouped.load(groups)
 
     monkeypatch.setattr(pipeline, "SHARE_CHUNK", 8)  # one instruction of the pool at a time
-    chunked = run_groups(data.grouped.__class__(data.groups, data.grouped.drops, (), load), cfg)
+    chunked = run_groups(Grouped(data.groups, data.grouped.drops, (), load), cfg)
     assert len(loaded) == len(data.groups) and max(loaded) <= 8
     assert chunked.kept == whole.kept and chunked.fits == pytest.approx(whole.fits, abs=1e-5)  # other batches
     assert all(s.token_logprobs is None for s in chunked.scores.values())  # arrays are not kept in memory
