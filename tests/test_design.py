@@ -13,24 +13,23 @@ from grape_plugin.cli import parser
 
 def module_imports() -> dict[str, set[str]]:
     """Every grape_plugin module (integrations included) and the package modules it imports, at any depth."""
-    roots = {"grape_plugin": ROOT / "grape_plugin", "grape_plugin.integrations": ROOT / "integrations"}
     graph: dict[str, set[str]] = {}
-    for prefix, folder in roots.items():
-        for path in folder.rglob("*.py"):
-            parts = list(path.relative_to(folder).with_suffix("").parts)
-            is_pkg = parts[-1] == "__init__"
-            name = ".".join([prefix, *parts[:-1]] if is_pkg else [prefix, *parts])
-            package = name if is_pkg else name.rpartition(".")[0]
-            found = set()
-            for node in ast.walk(ast.parse(path.read_text())):
-                if isinstance(node, ast.ImportFrom):
-                    base = package.split(".")
-                    target = ".".join(base[: len(base) - node.level + 1] + ([node.module] if node.module else [])) \
-                        if node.level else node.module  # fmt: skip
-                    found |= {target, *(f"{target}.{a.name}" for a in node.names)}
-                elif isinstance(node, ast.Import):
-                    found |= {a.name for a in node.names}
-            graph[name] = found
+    folder = ROOT / "grape_plugin"
+    for path in folder.rglob("*.py"):
+        parts = list(path.relative_to(folder).with_suffix("").parts)
+        is_pkg = parts[-1] == "__init__"
+        name = ".".join(["grape_plugin", *parts[:-1]] if is_pkg else ["grape_plugin", *parts])
+        package = name if is_pkg else name.rpartition(".")[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package.split(".")
+                target = ".".join(base[: len(base) - node.level + 1] + ([node.module] if node.module else [])) \
+                    if node.level else node.module  # fmt: skip
+                found |= {target, *(f"{target}.{a.name}" for a in node.names)}
+            elif isinstance(node, ast.Import):
+                found |= {a.name for a in node.names}
+        graph[name] = found
     # importing a submodule runs its parent packages first anyway: edges to ancestors are not cycles
     return {m: {t for t in targets if t in graph and t != m and not m.startswith(t + ".")} for m, targets in graph.items()}
 
