@@ -1,4 +1,4 @@
-"""Test helpers: a tiny random Llama with a real BPE tokenizer, pool slices from ../shared/data."""
+"""Test helpers: a tiny random Llama with a real BPE tokenizer, pool slices from the repository's data/ folder."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
-POOL = SHARED / "alpaca_eval_pool.jsonl"
+DATA = ROOT / "data"
+POOL = DATA / "alpaca_eval_pool_slice.jsonl"  # 111 AlpacaEval instructions x 8 generators (data/README.md)
+LLAMAFACTORY_DATA = DATA / "llamafactory"
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
@@ -15,7 +16,7 @@ CHAT_TEMPLATE = (
 
 
 def pool_rows(n_instructions: int) -> list[dict]:
-    """The first ``n_instructions`` instructions of the shared pool, all their rows."""
+    """The first ``n_instructions`` instructions of the pool slice, all their rows."""
     rows = []
     with open(POOL, encoding="utf-8") as fh:
         for line in fh:

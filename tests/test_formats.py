@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from tests.helpers import POOL, SHARED, pool_rows, write_jsonl
+from tests.helpers import LLAMAFACTORY_DATA, POOL, pool_rows, write_jsonl
 
 from grape_plugin import GrapeConfig, GrapeError, read
 
@@ -16,15 +16,15 @@ CFG = GrapeConfig(cache_dir=None)
 def test_shared_pool_needs_no_flags():
     data = read(POOL, CFG)
     assert data.format.name == "long"
-    assert len(data.texts()) == 805
+    assert len(data.texts()) == 111
     first = data.texts()[0]
     assert first.key == "ae-000"
     assert list(first.prompt) == [{"role": "user", "content": pool_rows(1)[0]["instruction"]}]
     assert [c.source for c in first.candidates][:2] == ["gpt-4o-2024-05-13", "Meta-Llama-3.1-405B-Instruct-Turbo"]
     n_candidates = sum(len(g.candidates) for g in data.texts())
-    # the README of the shared data: 20 answers duplicate another model's answer to the same instruction
+    # data/README.md: 20 answers duplicate another model's answer to the same instruction
     assert data.grouped.drops.as_dict() == {"candidates": {"duplicate_response": 20}, "instructions": {}, "rows": {}}
-    assert n_candidates == 6440 - 20
+    assert n_candidates == 888 - 20
     assert all(c.index == i for g in data.texts() for i, c in enumerate(g.candidates))
 
 
@@ -63,9 +63,9 @@ def test_messages_and_sharegpt(tmp_path):
 
 
 def test_llamafactory_ranking_demo_gives_two_candidates():
-    data = read(SHARED / "llamafactory" / "dpo_en_demo.json", CFG)
+    data = read(LLAMAFACTORY_DATA / "dpo_en_demo_60.json", CFG)
     assert data.format.name == "preference"
-    raw = json.loads((SHARED / "llamafactory" / "dpo_en_demo.json").read_text())
+    raw = json.loads((LLAMAFACTORY_DATA / "dpo_en_demo_60.json").read_text())
     first = data.texts()[0]
     assert [c.source for c in first.candidates] == ["chosen", "rejected"]
     assert first.candidates[0].response == raw[0]["chosen"]["value"]

@@ -175,7 +175,7 @@ def test_empty_response_and_slow_tokenizer_are_errors() -> None:
 @pytest.mark.smollm2
 @pytest.mark.parametrize("template", ["paper", "chat"])
 def test_the_whole_pool_matches_the_offsets_rule(smollm2_tokenizer: Any, template: str) -> None:
-    """Every (instruction, output) of the shared AlpacaEval pool, rendered with SmolLM2: all take the fast path."""
+    """Every (instruction, output) of the AlpacaEval pool slice, rendered with SmolLM2: all take the fast path."""
     renderer = (paper_renderer if template == "paper" else chat_renderer)(smollm2_tokenizer)
     rows = [json.loads(line) for line in POOL.read_text(encoding="utf-8").splitlines()]
     items = [texts(renderer, [{"role": "user", "content": r["instruction"]}], [r["output"]])[0] for r in rows]

@@ -1,4 +1,4 @@
-"""End to end with the real embedded SmolLM2-135M-Instruct on the real shared pool."""
+"""End to end with the real embedded SmolLM2-135M-Instruct on the real AlpacaEval pool slice."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def direct(tok, model, instruction: str, response: str) -> tuple[float, int]:
     return float(sum(lp[t - 1, ids[t]] for t in span) / len(span)), len(span)
 
 
-def test_select_on_the_shared_pool_matches_direct_scores(tmp_path, reference, capsys):
+def test_select_on_the_pool_slice_matches_direct_scores(tmp_path, reference, capsys):
     out = tmp_path / "out"
     argv = ["select", str(POOL), "--limit", "2", "-o", str(out), "--cache-dir", str(tmp_path / "cache"),
             "--max-length", str(MAX_LENGTH), "--over-length", "truncate"]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import SHARED, build_tiny_smollm2, pool_rows
+from tests.helpers import LLAMAFACTORY_DATA, build_tiny_smollm2, pool_rows
 
 from grape_plugin.cli import main
 
@@ -40,7 +40,7 @@ def make_data(root: Path, grape: object = None) -> Path:
     data.mkdir()
     (data / "pool.json").write_text(json.dumps(pool_rows(4)))
     for name, demo, n in (("dpo", "dpo_en_demo", 4), ("plain", "alpaca_en_demo", 3)):
-        rows = json.loads((SHARED / "llamafactory" / f"{demo}.json").read_text())[:n]
+        rows = json.loads((LLAMAFACTORY_DATA / f"{demo}_60.json").read_text())[:n]
         (data / f"{name}.json").write_text(json.dumps(rows))
     info = {
         "pool": {"file_name": "pool.json", "columns": {"prompt": "instruction", "response": "output"},
