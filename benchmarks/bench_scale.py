@@ -105,7 +105,7 @@ def worker(pool: str, tokenizer: str, cache: str, out: str) -> None:
 
     from grape_plugin import GrapeConfig
     from grape_plugin.distributed import rank_world
-    from grape_plugin.pipeline import read, run_groups, write
+    from grape_plugin import read, run_groups, write
     from grape_plugin.plugins import load_plugins
 
     load_plugins().register(StandInPlugin(), name="bench-stand-in")

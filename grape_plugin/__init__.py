@@ -7,17 +7,19 @@ Python API (the CLI and the host integrations are thin layers over it)::
     write(data, selection, "out/")
 """
 
+from .components import Components, select
 from .config import GrapeConfig
 from .errors import GrapeError
+from .files import read, run, write
 from .hookspecs import hookimpl
-from .pipeline import read, run, run_groups, write
+from .pipeline import run_groups
 from .records import Candidate, Drops, Group, Grouped, Score, Selection, Stats
 from .render import render_groups
-from .selection import select
 from .version import __version__
 
 __all__ = [
     "Candidate",
+    "Components",
     "Drops",
     "GrapeConfig",
     "GrapeError",

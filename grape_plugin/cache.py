@@ -27,10 +27,10 @@ import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Iterable, Iterator, NamedTuple, Optional
+from typing import Any, BinaryIO, Iterable, Iterator, NamedTuple, Optional
 
-from .render import Rendered
-from .scoring import Score
+from .records import Group, Score
+from .render import Rendered, RenderedKey
 
 log = logging.getLogger(__name__)
 SCHEMA = 3  # 1, 2: SQLite (sums and counts; plus per-token arrays); 3: append-only record files
@@ -211,3 +211,37 @@ class ScoreCache:
 
 def open_cache(cache_dir: Optional[Path], identity: str, rank: int = 0) -> Optional[ScoreCache]:
     return None if cache_dir is None else ScoreCache(Path(cache_dir), identity, rank)
+
+
+def render_prefix(identity: str, render: Any, max_length: Optional[int], over_length: str) -> Optional[str]:
+    """What every cache key of a renderer with a ``key`` starts with: all a candidate's tokens depend on but its
+    own text (None for a renderer without a key: its candidates are keyed by their token ids, once rendered)."""
+    key = getattr(render, "key", None)
+    return None if key is None else f"{identity}\n{key}\n{max_length}\n{over_length}\n"
+
+
+def text_keys(prefix: str, group: Group) -> list[bytes]:
+    """The cache key of each candidate, from the digests of its text and its instruction's (prompt and context)."""
+    head = hashlib.sha256(f"{prefix}{group.prompt_hash}\n".encode())
+    keys = []
+    for cand in group.candidates:
+        h = head.copy()
+        h.update(cand.digest)
+        keys.append(h.digest())
+    return keys
+
+
+def cached_entries(cache: ScoreCache, keys: dict[RenderedKey, bytes], arrays: bool) -> dict[RenderedKey, Entry]:
+    """The entries the cache holds for ``keys`` (candidate -> cache key), by candidate."""
+    found = cache.get_many(keys.values(), arrays)
+    return {w: found[k] for w, k in keys.items() if k in found}
+
+
+def usable(entry: Entry, keep_token_scores: bool) -> bool:
+    """Whether a cached entry's score serves a run: it has the per-token arrays when the run keeps them."""
+    return entry.score is not None and (entry.arrays or not keep_token_scores)
+
+
+def kept_part(score: Score, keep_token_scores: bool) -> Score:
+    """A score as a run keeps it: without its per-token arrays when it does not keep them."""
+    return score if keep_token_scores else score.without_tokens()

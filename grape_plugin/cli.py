@@ -11,6 +11,7 @@ from pydantic.fields import FieldInfo
 
 from .config import GrapeConfig, load_config_file
 from .errors import GrapeError
+from .plugins import registry
 
 def config_flag(name: str, field: FieldInfo) -> tuple[str, dict[str, Any]]:
     """The command-line flag of a ``GrapeConfig`` field: its type, choices, help and default come from the field."""
@@ -47,15 +48,23 @@ def build_config(args: argparse.Namespace) -> GrapeConfig:
     return GrapeConfig.from_mapping(values, where=args.config or "options")
 
 
+def file_host(args: argparse.Namespace, out: Optional[str] = None) -> Any:
+    """The data file of the command line as a host, its plugins resolved from the options."""
+    from .components import Components
+    from .files import FileHost, read
+
+    return FileHost(read(args.data, Components.of(build_config(args)), limit=args.limit), out)
+
+
 def cmd_preview(args: argparse.Namespace) -> None:
+    from .host import select_from
     from .models import resolve_model
-    from .pipeline import run
     from .report import preview_text
 
-    cfg = build_config(args)
-    if cfg.model is None:
+    host = file_host(args)
+    if host.cfg.model is None:
         print(f"no --model given: scoring with the embedded SmolLM2-135M-Instruct ({resolve_model(None)})")
-    _, selection = run(args.data, cfg, limit=args.limit)
+    selection = select_from(host)
     print(preview_text(selection))
     if args.html:
         from .report_html import write_html
@@ -64,28 +73,32 @@ def cmd_preview(args: argparse.Namespace) -> None:
 
 
 def cmd_select(args: argparse.Namespace) -> None:
-    from .pipeline import run, write
-    from .report import summary_text
+    from .host import prepare
 
-    cfg = build_config(args)
-    data, selection = run(args.data, cfg, limit=args.limit)
-    paths = write(data, selection, args.output)
-    print(summary_text(selection))
-    for name, path in paths.items():
-        print(f"{name}: {path}")
+    prepared = prepare(file_host(args, args.output))
+    if prepared.reused:
+        print(f"reusing the selection in {prepared.folder}: same data, model and options "
+              f"(delete {prepared.folder / 'selection.json'} to select again)")  # fmt: skip
+    print(prepared.manifest["summary"])
+    print(f"written to {prepared.folder}: " + ", ".join(sorted(p.name for p in prepared.folder.iterdir())))
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
     import json
 
-    from .pipeline import run
-    from .plugins import registry
+    from .components import Components
+    from .host import select_from
     from .report import compare_metrics, compare_text
 
-    cfg = build_config(args)
-    metrics = args.metrics.split(",") if args.metrics else list(registry("metrics"))
-    _, selection = run(args.data, cfg, limit=args.limit, token_scores=True)
-    info = compare_metrics(selection, cfg, metrics)
+    host = file_host(args)
+    variants, skipped = {}, {}
+    for name in args.metrics.split(",") if args.metrics else list(registry("metrics")):
+        try:
+            variants[name] = Components.of(host.cfg.model_copy(update={"metric": name}))
+        except GrapeError as exc:
+            skipped[name] = str(exc)
+    selection = select_from(host, token_scores=True)
+    info = compare_metrics(selection, variants, skipped)
     print(compare_text(info))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
@@ -94,7 +107,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
 
 def cmd_plugins(args: argparse.Namespace) -> None:
-    from .plugins import KINDS, load_plugins, registry
+    from .plugins import KINDS, load_plugins
 
     pm = load_plugins()
     print("plugins: " + ", ".join(sorted(name for name, _ in pm.list_name_plugin())))
@@ -106,62 +119,6 @@ def cmd_export_model(args: argparse.Namespace) -> None:
     from .models import export_model
 
     print(f"wrote {export_model(args.model, args.output)}")
-
-
-LF_HELP = """\
-GRAPE for LLaMA-Factory. Turn selection on per dataset with a "grape" key in its dataset_info.json entry:
-
-  "pooled_sft": {"file_name": "pooled.json", "formatting": "sharegpt", "columns": {"messages": "conversations"},
-                 "grape": {"template": "train", "top_k": 1}}
-
-  grape-plugin llamafactory train config.yaml [key=value ...]   select, then train (on every rank)
-  grape-plugin llamafactory select config.yaml -o DIR           select only; then: llamafactory-cli train DIR/train.yaml
-
-A plain llamafactory-cli train ignores the key. Options: grape_plugin/integrations/llamafactory/README.md."""
-LF_TRAIN_HELP = """\
-Train with LLaMA-Factory on the GRAPE selection: takes exactly llamafactory-cli train's arguments.
-Datasets whose dataset_info.json entry has a "grape" key are scored with the run's model and template and
-replaced by their selection; the others are used as they are. With several devices (or FORCE_TORCHRUN=1) it
-re-launches itself under torchrun, like llamafactory-cli. See grape_plugin/integrations/llamafactory/README.md."""
-
-
-def cmd_llamafactory_train(args: argparse.Namespace) -> None:
-    if not args.args or args.args[0] in ("-h", "--help"):
-        print(args.usage())
-        return
-    from .integrations.llamafactory import train
-
-    code = train(args.args)
-    if code:
-        raise SystemExit(code)
-
-
-def cmd_llamafactory_select(args: argparse.Namespace) -> None:
-    from .integrations.llamafactory import select_offline
-
-    command = select_offline([args.config, *args.overrides], args.output)
-    print(f"selection written to {args.output}; train on it with:\n  {command}")
-
-
-def add_llamafactory(sub: Any) -> None:
-    lf = sub.add_parser(
-        "llamafactory", help="LLaMA-Factory: train on the GRAPE selection of datasets with a grape key",
-        description=LF_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
-    lf_sub = lf.add_subparsers(dest="lf_command", required=True)
-    # '+' prefix: every argument, --flags included, goes to LLaMA-Factory unparsed
-    train = lf_sub.add_parser(
-        "train", prefix_chars="+", add_help=False, help="select, then train (llamafactory-cli train's arguments)",
-        description=LF_TRAIN_HELP, usage="%(prog)s config.yaml [key=value ...]",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )  # fmt: skip
-    train.add_argument("args", nargs=argparse.REMAINDER, metavar="config.yaml [key=value ...]")
-    train.set_defaults(func=cmd_llamafactory_train, usage=train.format_help)
-    sel = lf_sub.add_parser("select", help="write the selection and its dataset_info.json for llamafactory-cli train")
-    sel.add_argument("config", help="the training config (YAML or JSON)")
-    sel.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, as llamafactory-cli takes them")
-    sel.add_argument("-o", "--output", required=True, help="folder for the selection (and a train.yaml using it)")
-    sel.set_defaults(func=cmd_llamafactory_select)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -190,11 +147,17 @@ def parser() -> argparse.ArgumentParser:
     exp.add_argument("output", help="folder to write")
     exp.add_argument("--model", default=None, help="model to export (default: the embedded SmolLM2)")
     exp.set_defaults(func=cmd_export_model)
-    add_llamafactory(sub)
+    for setup in registry("commands").values():
+        setup(sub)
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    import os
+
+    if not sys.stderr.isatty():  # progress bars are for terminals, not logs
+        os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     try:

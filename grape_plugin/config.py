@@ -77,35 +77,6 @@ class GrapeConfig(BaseModel):
             raise GrapeError(config_error_message(exc, where)) from None
 
 
-HOST_TEMPLATE = "train"  # a host's own tokens and labels: the default template of every host integration
-HOST_DECIDES = ("model", "revision", "trust_remote_code", "dtype", "device", "scorer")  # the run's, not the block's
-
-
-def host_config(block: Any, defaults: dict[str, Any], where: str, hints: dict[str, str]) -> "GrapeConfig":
-    """A host's GRAPE block (a mapping, or ``True``/``{}`` for the defaults) over the run's ``defaults``.
-
-    The scoring model is the model the run trains, so the keys in ``HOST_DECIDES`` (and any other key in ``hints``)
-    are refused with the host's own hint (where to set it instead); the template is ``train`` or a registered one.
-    """
-    from .plugins import registry
-
-    block = {} if block is True else block
-    if not isinstance(block, dict):
-        raise GrapeError(f"{where}: must be an object of GRAPE options (or true), got {type(block).__name__}")
-    refused = {k: hints.get(k, "the run decides it") for k in (*HOST_DECIDES, *hints)}
-    for key in block:
-        if key in refused:
-            raise GrapeError(f"{where}: '{key}' cannot be set here: {refused[key]}")
-        if key not in GrapeConfig.model_fields:
-            allowed = ", ".join(sorted(k for k in GrapeConfig.model_fields if k not in refused))
-            raise GrapeError(f"{where}: unknown key '{key}'; expected one of: {allowed}")
-    cfg = GrapeConfig.from_mapping({"template": HOST_TEMPLATE, **defaults, **block}, where=where)
-    templates = (HOST_TEMPLATE, *registry("renderers"))
-    if cfg.template not in templates:
-        raise GrapeError(f"{where}: template '{cfg.template}' is not one of {', '.join(templates)}")
-    return cfg
-
-
 def config_error_message(exc: ValidationError, where: str) -> str:
     """One line per problem; unknown keys list the expected ones."""
     lines = [f"{where}: invalid GRAPE options"]

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequ
 from .config import GrapeConfig
 from .errors import SKIP_HINT, GrapeError, RowError, input_error
 from .hookspecs import hookimpl
-from .records import Candidate, Draft, Drops, Group, Grouped, Loader, Message, prompt_key, text_digest
+from .records import Candidate, Draft, Drops, Group, Grouped, Loader, Message, Reason, prompt_key, text_digest
 
 PROMPT_COLUMNS = ("instruction", "prompt", "question", "query")
 RESPONSE_COLUMNS = ("output", "response", "completion", "answer")
@@ -484,14 +484,14 @@ def finish_groups(groups: Iterable[Group], min_candidates: int) -> Grouped:
         unique: dict[bytes, Candidate] = {}
         for cand in group.candidates:
             if cand.digest in unique:
-                candidates["duplicate_response"] += 1
+                candidates[Reason.DUPLICATE_RESPONSE] += 1
             else:
                 unique[cand.digest] = replace(cand, index=len(unique))
         if not unique:
-            instructions["no_valid_candidate"] += 1
+            instructions[Reason.NO_VALID_CANDIDATE] += 1
         elif len(unique) < min_candidates:
-            instructions["too_few_candidates"] += 1
-            candidates["too_few_candidates"] += len(unique)
+            instructions[Reason.TOO_FEW_CANDIDATES] += 1
+            candidates[Reason.TOO_FEW_CANDIDATES] += len(unique)
         else:
             kept.append(group.with_candidates(unique.values()))
     return Grouped(tuple(kept), Drops.of(candidates, instructions))

@@ -31,3 +31,9 @@ def grape_register_selectors(register):
 @hookspec
 def grape_register_metrics(register):
     """Register fit metrics: ``register(name, Metric)``; ``Metric.fit(score, cfg)`` is higher for a better fit."""
+
+
+@hookspec
+def grape_register_commands(register):
+    """Register ``grape-plugin`` subcommands: ``register(name, setup)``, ``setup(subparsers)`` adds its argparse
+    parser (with ``set_defaults(func=...)``); a host integration's commands come this way."""

@@ -1,11 +1,11 @@
-"""The host contract: what Axolotl, LLaMA-Factory (or any trainer) supplies, and the one core function that does
-the rest.
+"""The host contract and the one orchestrator every host goes through: the CLI's files, Axolotl, LLaMA-Factory.
 
 A host says where the groups come from, how a candidate is rendered, how the scoring model loads (the way the host
 loads the model it trains), what else the selection depends on, and where and in what shape the selection is
 written. ``prepare`` owns everything else: the selection key, reusing a selection already on disk, loading the
 weights only when something is left to score, the score cache, sharding over ranks, publishing the folder whole and
-the barrier after it.
+the barrier after it. ``BaseHost`` holds what hosts share: the default scorer and renderer, the scorer recipe of a
+host that loads its own model, and the options a host refuses in its GRAPE block.
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Protocol
+from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 
+from .components import HOST_TEMPLATE, Components
 from .config import GrapeConfig
 from .errors import GrapeError
-from .pipeline import run_groups, write_report
+from .pipeline import run_groups
 from .records import Grouped, Selection
 from .render import Renderer
 from .scoring import Scorer
@@ -30,12 +31,23 @@ log = logging.getLogger(__name__)
 MANIFEST = "selection.json"  # written last: a folder with it holds a whole selection
 LAYOUT = 2  # bump when what a selection folder holds changes
 UNKEYED_OPTIONS = {"cache_dir", "batch_tokens", "device", "keep_token_scores"}  # where, how fast, what is cached
+# options of the run, not of a host's GRAPE block: the scoring model is the model the run trains
+HOST_DECIDES = {
+    "model": "the scoring model is the model the run trains",
+    "revision": "set the model's revision in the run's config",
+    "trust_remote_code": "set trust_remote_code in the run's config",
+    "dtype": "the run's dtype settings decide it",
+    "device": "scoring runs on the run's devices",
+    "scorer": "the run's model scores",
+}
 
 
 class Host(Protocol):
-    """What a host supplies to ``prepare``. ``where`` names the host's input in messages."""
+    """What a host supplies to ``prepare``. ``where`` names the host's input in messages; ``parts`` are the run's
+    components (``components.Components``)."""
 
     where: str
+    parts: Components
 
     def scorer(self) -> Scorer:
         """The scoring model as the host loads its training model: tokenizer and identity now, weights on first use."""
@@ -52,15 +64,86 @@ class Host(Protocol):
     def folder(self, key: str) -> Path:
         """Where the selection with this key lives."""
 
-    def write(self, selection: Selection, folder: Path) -> None:
-        """The kept rows in the host's own shape, into ``folder`` (a staging folder, renamed when complete)."""
+    def write(self, selection: Selection, folder: Path) -> dict[str, Path]:
+        """The kept rows in the host's own shape, into ``folder``; the files written, by name."""
 
     def is_writer(self) -> bool:
         """Whether this process publishes the folder (one per file system)."""
 
+    def publish(self, folder: Path, fill: Callable[[Path], None]) -> None:
+        """Make ``folder`` hold what ``fill`` writes into the folder it is given."""
+
     def finish(self, selection: Selection) -> Selection:
-        """The host's last word on a selection before it is written (its own caps); by default none."""
+        """The host's last word on a selection before it is written (its own caps)."""
+
+
+class BaseHost:
+    """Defaults for a host: the configured scorer and template, no caps, rank 0 writes, folders appear whole."""
+
+    where = "input"
+
+    def __init__(self, parts: Components):
+        self.cfg, self.parts = parts.cfg, parts
+
+    def scorer(self) -> Scorer:
+        return self.parts.make_scorer()
+
+    def renderer(self, scorer: Scorer) -> Renderer:
+        """The configured template; ``template: train`` is the host's own (``train_renderer``)."""
+        return self.train_renderer(scorer) if self.parts.template is None else self.parts.make_renderer(scorer)
+
+    def train_renderer(self, scorer: Scorer) -> Renderer:
+        raise GrapeError(f"{self.where}: template '{HOST_TEMPLATE}' is a host's own rendering; choose another template")
+
+    def finish(self, selection: Selection) -> Selection:
         return selection
+
+    def is_writer(self) -> bool:
+        from .distributed import rank_world
+
+        return rank_world()[0] == 0
+
+    def publish(self, folder: Path, fill: Callable[[Path], None]) -> None:
+        from .datafiles import publish_folder
+
+        publish_folder(folder, fill)
+
+    def model_scorer(self, host: str, tokenizer: Any, weights: Sequence[tuple[str, Optional[str]]],
+                     settings: Mapping[str, Any], load: Callable[[], Any]) -> Scorer:  # fmt: skip
+        """The scorer of a host that loads the model itself: ``weights`` are (path or hub id, revision), the base
+        model first, then adapters; ``settings`` are the host's options that change the loaded model."""
+        from .models import ModelSpec, weights_identity
+        from .scoring import TransformersScorer
+
+        (name, revision), names = weights[0], [weights_identity(n, r) for n, r in weights]
+        identity = "|".join([host, *names, json.dumps({k: str(v) for k, v in settings.items()}, sort_keys=True)])
+        about = {"name": name, "revision": revision, "adapters": [n for n, _ in weights[1:]] or None,
+                 "dtype": str(settings.get("dtype", self.cfg.dtype))}  # fmt: skip
+        return TransformersScorer(ModelSpec(name, tokenizer, identity, load, None, about), self.cfg.batch_tokens)
+
+    @staticmethod
+    def options(block: Any, defaults: Mapping[str, Any], where: str, hints: Mapping[str, str]) -> GrapeConfig:
+        """A host's GRAPE block (a mapping, or ``True``/``{}`` for the defaults) over the run's ``defaults``.
+
+        The keys of ``HOST_DECIDES`` and ``hints`` are refused with the host's hint (where to set it instead, the
+        host's words over the defaults); the template is ``train`` or a registered one, and every named plugin exists.
+        """
+        block = {} if block is True else block
+        if not isinstance(block, dict):
+            raise GrapeError(f"{where}: must be an object of GRAPE options (or true), got {type(block).__name__}")
+        refused = {**HOST_DECIDES, **hints}
+        for key in block:
+            if key in refused:
+                raise GrapeError(f"{where}: '{key}' cannot be set here: {refused[key]}")
+            if key not in GrapeConfig.model_fields:
+                allowed = ", ".join(sorted(k for k in GrapeConfig.model_fields if k not in refused))
+                raise GrapeError(f"{where}: unknown key '{key}'; expected one of: {allowed}")
+        cfg = GrapeConfig.from_mapping({"template": HOST_TEMPLATE, **defaults, **block}, where=where)
+        try:
+            Components.of(cfg, host_template=True)
+        except GrapeError as exc:
+            raise GrapeError(f"{where}: {exc}") from None
+        return cfg
 
 
 @dataclass(frozen=True)
@@ -90,36 +173,60 @@ def selection_key(inputs: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
-def prepare(host: Host, cfg: GrapeConfig) -> Prepared:
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest of the selection in ``folder``, or {} when there is none (or it cannot be read)."""
+    try:
+        return json.loads((folder / MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def select_from(host: Host, scorer: Optional[Scorer] = None, token_scores: bool = False) -> Selection:
+    """On every rank: read, render, score and select the host's candidates (``pipeline.run_groups``), with the
+    host's last word; the scorer is closed afterwards, before the host loads the model it trains."""
+    scorer = scorer or host.scorer()
+    try:
+        selection = run_groups(host.read(), host.parts, scorer=scorer, renderer=host.renderer(scorer),
+                               file=host.where, token_scores=token_scores)  # fmt: skip
+        return host.finish(selection)
+    finally:
+        scorer.close()
+
+
+def write_folder(host: Host, selection: Selection, folder: Path) -> dict[str, Path]:
+    """The selection in the host's shape and the report files (``output.write_report``): the one place a selection
+    folder is filled."""
+    from .output import write_report
+
+    folder.mkdir(parents=True, exist_ok=True)
+    return {**host.write(selection, folder), **write_report(selection, folder)}
+
+
+def prepare(host: Host) -> Prepared:
     """On every rank: make sure the host's selection exists, selecting it together if it does not."""
-    from .datafiles import publish_folder
     from .distributed import barrier, on_all_ranks
     from .report import summary, summary_text
 
+    cfg = host.parts.cfg
     scorer = host.scorer()
     inputs = key_inputs(cfg, scorer.identity, host.key_parts())
     key = selection_key(inputs)
     folder = host.folder(key)
-    manifest = folder / MANIFEST
-    if on_all_ranks(manifest.is_file()):
+    done = read_manifest(folder)
+    if on_all_ranks(done.get("key") == key):
         log.info("GRAPE: reusing the selection in %s", folder)
-        return Prepared(folder, True, json.loads(manifest.read_text(encoding="utf-8")))
+        return Prepared(folder, True, done)
     log.info("GRAPE: selecting with %s (template %s) into %s", scorer.identity, cfg.template, folder)
-    try:
-        selection = run_groups(host.read(), cfg, scorer=scorer, renderer=host.renderer(scorer), file=host.where)
-        selection = host.finish(selection)
-    finally:
-        scorer.close()  # before the host loads the model it trains
+    selection = select_from(host, scorer)
     if not selection.kept:
         raise GrapeError(f"{host.where}: nothing was selected\n{summary_text(selection)}")
     info = {"key": key, "summary": summary_text(selection), "report": summary(selection), "inputs": inputs}
 
     def fill(staging: Path) -> None:
-        host.write(selection, staging)
-        write_report(selection, staging)
+        write_folder(host, selection, staging)
         (staging / MANIFEST).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
     if host.is_writer():
-        publish_folder(folder, fill)
+        host.publish(folder, fill)
     barrier()
     return Prepared(folder, False, info)

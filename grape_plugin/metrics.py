@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any, Callable
 
 from .config import GrapeConfig
 from .errors import GrapeError
@@ -72,13 +72,9 @@ def rsr(score: Score, cfg: GrapeConfig) -> float:
     return -float(ranks.sum()) / max(-score.logprob_sum, 1e-12)
 
 
-def fit_function(cfg: GrapeConfig, name: str | None = None) -> Callable[[Score], float]:
-    """The metric ``name`` (default ``cfg.metric``) as a function of a score, refusing scores that lack what it
-    needs with a clear error."""
-    from .plugins import lookup
-
-    name = name or cfg.metric
-    metric: Metric = lookup("metrics", name)
+def fit_function(metric: Metric, name: str, cfg: GrapeConfig) -> Callable[[Score], float]:
+    """``metric`` (registered as ``name``) as a function of a score, refusing scores that lack what it needs with a
+    clear error."""
 
     def fit(score: Score) -> float:
         missing = [n for n in metric.needs if getattr(score, n) is None]
@@ -90,22 +86,6 @@ def fit_function(cfg: GrapeConfig, name: str | None = None) -> Callable[[Score],
         return float(metric.fit(score, cfg))
 
     return fit
-
-
-def fit_values(scores: Mapping[tuple[str, int], Score], cfg: GrapeConfig) -> dict[tuple[str, int], float]:
-    """Every score's value of ``cfg.metric``."""
-    fit = fit_function(cfg)
-    return {key: fit(score) for key, score in scores.items()}
-
-
-def check_metric(cfg: GrapeConfig) -> None:
-    """Fail before any scoring when the metric is unknown or needs per-token values that will not be kept."""
-    from .plugins import lookup
-
-    metric: Metric = lookup("metrics", cfg.metric)
-    if metric.needs and not cfg.keep_token_scores:
-        raise GrapeError(f"metric '{cfg.metric}' needs per-token {' and '.join(metric.needs)}: "
-                         "set keep_token_scores (--keep-token-scores)")  # fmt: skip
 
 
 @hookimpl

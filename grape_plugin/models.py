@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from .errors import GrapeError
 
@@ -25,6 +25,7 @@ class ModelSpec:
     identity: str
     load: Callable[[], Any]  # the causal LM, in eval mode, on its device, without gradients
     context_length: Optional[int] = None
+    about: Mapping[str, Any] = field(default_factory=dict)  # for reports: name, revision, dtype, device
 
 
 @dataclass
@@ -157,7 +158,9 @@ def model_spec(
         return model.to(device).eval().requires_grad_(False)
 
     context = getattr(config, "max_position_embeddings", None)
-    return ModelSpec(name, tokenizer, f"{identity}|{model_kwargs['dtype']}", load, context)
+    dtype_name = str(model_kwargs["dtype"]).removeprefix("torch.")
+    about = {"name": name, "revision": commit or revision, "dtype": dtype_name, "device": device}
+    return ModelSpec(name, tokenizer, f"{identity}|{model_kwargs['dtype']}", load, context, about)
 
 
 def load_model(name: Optional[str], **options: Any) -> LoadedModel:

@@ -8,13 +8,12 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .errors import GrapeError
 
 DEFAULT_PLUGINS = (
     "grape_plugin.formats", "grape_plugin.render", "grape_plugin.scoring", "grape_plugin.selection",
     "grape_plugin.metrics",
 )  # fmt: skip
-KINDS = ("formats", "renderers", "scorers", "selectors", "metrics")
+KINDS = ("formats", "renderers", "scorers", "selectors", "metrics", "commands")
 
 pm = pluggy.PluginManager("grape_plugin")
 pm.add_hookspecs(hookspecs)
@@ -45,10 +44,3 @@ def registry(kind: str) -> dict[str, Any]:
         impl.function(register)
     return found
 
-
-def lookup(kind: str, name: str) -> Any:
-    """One registered object, or a clear error listing what is registered."""
-    found = registry(kind)
-    if name not in found:
-        raise GrapeError(f"no {kind[:-1]} named '{name}'; registered: {', '.join(found) or 'none'}")
-    return found[name]

@@ -7,6 +7,7 @@ import hashlib
 import json
 from collections import Counter
 from dataclasses import dataclass, field, fields, replace
+from enum import Enum
 from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Optional, Sequence
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
@@ -118,6 +119,21 @@ class Score:
         return Score(self.logprob_sum, self.n_tokens)
 
 
+class Reason(str, Enum):
+    """Why a candidate or an instruction was dropped: the keys ``Drops`` counts them under (rows skipped by
+    ``on_bad_row: skip`` are counted by the field and problem that made them unreadable instead)."""
+
+    DUPLICATE_RESPONSE = "duplicate_response"  # the same text as an earlier candidate of its instruction
+    NO_VALID_CANDIDATE = "no_valid_candidate"
+    TOO_FEW_CANDIDATES = "too_few_candidates"  # fewer distinct responses than min_candidates
+    TOO_LONG = "too_long"  # longer than max_length (over_length: drop)
+    ALL_CANDIDATES_TOO_LONG = "all_candidates_too_long"
+    NOT_SELECTED = "not_selected"
+    OVER_BUDGET = "over_budget"
+    OVER_MAX_SAMPLES = "over_max_samples"  # a host's cap on rows (LLaMA-Factory's max_samples)
+    INVALID_EXAMPLE = "invalid_example"  # a row the host's own reader would drop
+
+
 @dataclass(frozen=True)
 class Drops:
     """What was dropped, by reason: candidates, whole instructions, and input rows skipped (``on_bad_row: skip``)."""
@@ -133,8 +149,8 @@ class Drops:
         instructions: Optional[Mapping[str, int]] = None,
         rows: Optional[Mapping[str, int]] = None,
     ) -> "Drops":
-        """From counters; zero counts are left out."""
-        keep = lambda c: {k: v for k, v in sorted((c or {}).items()) if v}  # noqa: E731
+        """From counters (keyed by ``Reason`` or, for rows, by the problem); zero counts are left out."""
+        keep = lambda c: dict(sorted((getattr(k, "value", k), v) for k, v in (c or {}).items() if v))  # noqa: E731
         return cls(keep(candidates), keep(instructions), keep(rows))
 
     def __add__(self, other: "Drops") -> "Drops":
@@ -172,6 +188,27 @@ class Grouped:
 
 
 @dataclass(frozen=True)
+class Share:
+    """What one rank did for its instructions: the survivors of ``max_length`` (outlines), each scored candidate's
+    score and fit, what rendering dropped, and counts."""
+
+    groups: list[Group] = field(default_factory=list)
+    scores: dict[tuple[str, int], Score] = field(default_factory=dict)
+    fits: dict[tuple[str, int], float] = field(default_factory=dict)
+    drops: Drops = Drops()
+    truncated: int = 0
+    scored: int = 0  # candidates scored by this rank in this run
+    cached: int = 0  # candidates whose score came from the cache
+    tokens_scored: int = 0
+    tokens: int = 0  # of its candidates after max_length
+
+    @property
+    def counts(self) -> tuple[int, ...]:
+        """The counts, in field order (they add up across chunks and ranks)."""
+        return self.truncated, self.scored, self.cached, self.tokens_scored, self.tokens
+
+
+@dataclass(frozen=True)
 class Stats:
     """What a run did: counts read, truncated, scored afresh or from the cache, and how long it took."""
 
@@ -205,6 +242,7 @@ class Selection:
     metric: str = "mean"  # what candidates were compared by
     fits: Mapping[tuple[str, int], float] = field(default_factory=dict)  # each scored candidate's value of it
     load: Loader = tuple  # the texts of outlines (``Grouped.load``)
+    made_by: Mapping[str, Any] = field(default_factory=dict)  # grape-plugin's version, the model, template, options
 
     def picks(self) -> list[tuple[Group, Candidate]]:
         """Every kept (group, candidate), in the order of ``kept`` (outlines: no texts)."""
@@ -221,7 +259,7 @@ class Selection:
                 part = [(g, g.candidates[0]) for g in self.load([g.with_candidates((c,)) for g, c in part])]
             yield from part
 
-    def dropping(self, keys: Iterable[str], reason: str) -> "Selection":
+    def dropping(self, keys: Iterable[str], reason: Reason) -> "Selection":
         """The same selection without the instructions ``keys``, counted under ``reason``."""
         gone = set(keys) & set(self.kept)
         lost = Drops.of({reason: sum(len(self.kept[k]) for k in gone)}, {reason: len(gone)})

@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 from .errors import GrapeError, input_error
 from .hookspecs import hookimpl
-from .records import Candidate, Drops, Group, Message
+from .records import Candidate, Drops, Group, Message, Reason
 
 
 @dataclass(frozen=True, eq=False)
@@ -266,7 +266,7 @@ def render_groups(
                 item = next(rendered)
                 fitted = fit_length(item, max_length, over_length)
                 if fitted is None:
-                    candidates["too_long"] += 1
+                    candidates[Reason.TOO_LONG] += 1
                     continue
                 if fitted is not item:
                     cut.add((group.key, cand.index))
@@ -275,7 +275,7 @@ def render_groups(
             if survivors:
                 kept.append(group.with_candidates(survivors))
             else:
-                instructions["all_candidates_too_long"] += 1
+                instructions[Reason.ALL_CANDIDATES_TOO_LONG] += 1
     return RenderedGroups(tuple(kept), items, Drops.of(candidates, instructions), len(cut), frozenset(cut))
 
 

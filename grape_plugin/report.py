@@ -9,9 +9,9 @@ from array import array
 from collections import Counter
 from dataclasses import dataclass
 from json.encoder import encode_basestring  # type: ignore[attr-defined]
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional
 
-from .config import GrapeConfig
+from .components import Components
 from .errors import GrapeError
 from .records import Selection
 
@@ -113,6 +113,7 @@ def summary(selection: Selection, tally: Optional[Tally] = None) -> dict[str, An
         "candidates_kept": sum(len(v) for v in selection.kept.values()),
         "instructions_compared": t.compared,
         "metric": selection.metric,
+        "made_by": dict(selection.made_by),
         "note": None if t.compared else NOTHING_COMPARED,
         "dropped": selection.drops.as_dict(),
         "skipped_rows": list(selection.skipped),
@@ -148,7 +149,8 @@ def preview_text(selection: Selection, width: int = 100) -> str:
 def summary_text(selection: Selection) -> str:
     """The summary in a few lines: counts, time, wins per source, score spread, drops by reason."""
     info = summary(selection)
-    lines = [
+    lines = [made_by_line(info["made_by"])] if info["made_by"] else []
+    lines += [
         f"instructions: {info['instructions']} read, {info['instructions_kept']} kept; "
         f"candidates: {info['candidates']} read, {info['candidates_kept']} kept"
         + (f" ({info['truncated']} truncated at max_length)" if info["truncated"] else ""),
@@ -170,19 +172,30 @@ def summary_text(selection: Selection) -> str:
     return "\n".join(lines)
 
 
-def compare_metrics(selection: Selection, cfg: GrapeConfig, metrics: Sequence[str]) -> dict[str, Any]:
-    """Select from the same scores under each metric (the other options as in ``cfg``). Over the instructions that
-    had a choice: how often each pair of metrics keeps the same candidates, the wins per source under each, and the
-    mean length in tokens of what each keeps. A metric the scores cannot serve is listed under ``skipped``."""
-    from .selection import needs_scores, select
+def made_by_line(made: dict[str, Any]) -> str:
+    """``model NAME (dtype on device); template T; metric M; grape-plugin V`` from ``Selection.made_by``."""
+    model = made.get("model", {})
+    run = ", ".join(f"{model[k]}" for k in ("dtype", "device") if model.get(k))
+    name = model.get("name") or model.get("identity", "?")
+    return (f"model: {name}{f' ({run})' if run else ''}; template {made.get('template')}; metric {made.get('metric')}; "
+            f"grape-plugin {made.get('grape_plugin')}")
 
-    kept, skipped = {}, {}
-    for name in metrics:
+
+def compare_metrics(selection: Selection, variants: Mapping[str, Components], skipped: Mapping[str, str]) -> dict[str, Any]:
+    """Select from the same scores under each metric (``variants``: each metric's components, the other options
+    alike). Over the instructions that had a choice: how often each pair of metrics keeps the same candidates, the
+    wins per source under each, and the mean length in tokens of what each keeps. A metric the scores cannot serve
+    is listed under ``skipped`` (with those ``skipped`` already)."""
+    from .selection import needs_scores
+
+    kept, skipped = {}, dict(skipped)
+    for name, parts in variants.items():
         try:
-            kept[name] = select(selection.groups, selection.scores, cfg.model_copy(update={"metric": name}))[0]
+            kept[name] = parts.select(selection.groups, selection.scores)[0]
         except GrapeError as exc:
             skipped[name] = str(exc)
-    groups = [g for g in selection.groups if needs_scores(g, cfg)]
+    cfg = next(iter(variants.values())).cfg if variants else None
+    groups = [g for g in selection.groups if cfg is not None and needs_scores(g, cfg)]
     chosen = {m: {g.key: set(k.get(g.key, ())) for g in groups} for m, k in kept.items()}
     picks = {m: [(g, c) for g in groups for c in g.candidates if c.index in chosen[m][g.key]] for m in kept}
 

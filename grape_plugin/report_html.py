@@ -14,6 +14,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
+import json
 import math
 from pathlib import Path
 from typing import Any, Optional
@@ -294,6 +295,17 @@ def counts_html(info: dict[str, Any]) -> str:
     )
 
 
+def made_by_html(made: dict[str, Any]) -> str:
+    """The model, template, metric and grape-plugin's version that made the selection, then every option."""
+    e = html.escape
+    model = made.get("model", {})
+    rows = [(k, model[k]) for k in ("name", "revision", "identity", "dtype", "device") if model.get(k) is not None]
+    rows += [(k, made[k]) for k in ("template", "metric", "strategy", "grape_plugin") if made.get(k) is not None]
+    options = json.dumps(made.get("options", {}), indent=1, ensure_ascii=False)
+    return ('<table class="drops">' + "".join(f"<tr><td>{e(k)}</td><td>{e(str(v))}</td></tr>" for k, v in rows)
+            + f"</table><details><summary>options</summary><pre>{e(options)}</pre></details>")
+
+
 def clip(text: str) -> str:
     return text if len(text) <= RESPONSE_CHARS else text[:RESPONSE_CHARS] + f"… ({len(text) - RESPONSE_CHARS:,} more characters)"
 
@@ -359,7 +371,8 @@ def render_html(selection: Selection, tally: Optional[Tally] = None) -> str:
         f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>"
         f"<h1>{html.escape(title)}</h1><p class=\"sub\">Per instruction GRAPE keeps the response the base model "
         "finds most likely: the highest mean log-probability of its tokens.</p>"
-        f"<h2>Counts</h2>{counts_html(info)}<h2>Charts</h2>{charts_html(tally)}"
+        f"<h2>Counts</h2>{counts_html(info)}<h2>Made by</h2>{made_by_html(info['made_by'])}"
+        f"<h2>Charts</h2>{charts_html(tally)}"
         f"<h2>Instructions and candidates</h2>{table_html(selection)}<script>{SCRIPT}</script></body></html>\n"
     )
 

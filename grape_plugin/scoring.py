@@ -9,7 +9,7 @@ same chunk.
 from __future__ import annotations
 
 import inspect
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional, Protocol, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Protocol, Sequence
 
 from .config import GrapeConfig
 from .hookspecs import hookimpl
@@ -25,13 +25,15 @@ SHARE_MIN_SAVED = 256  # share an instruction's prefix when that saves at least 
 
 
 class Scorer(Protocol):
-    """What the pipeline needs from a scorer. ``tokenizer`` and ``identity`` must not need the weights: a scorer
-    loads them on its first ``score`` call, so a fully cached run never does."""
+    """What the pipeline needs from a scorer (docs/plugins.md). ``tokenizer`` and ``identity`` must not need the
+    weights: a scorer loads them on its first ``score`` call, so a fully cached run never does. Optional members
+    (``components.SCORER``): ``context_length``, ``loaded``, ``about`` and ``close``."""
 
     tokenizer: Any
     identity: str  # changes whenever scores could change (weights, dtype)
     context_length: Optional[int]  # the most positions the model takes (None: unknown)
-    loaded: bool  # whether the weights are in memory
+    loaded: Optional[bool]  # whether the weights are in memory (None: the scorer does not say)
+    about: Mapping[str, Any]  # for reports: the model's name, revision, dtype, device
 
     def score(self, items: Sequence[Rendered], progress: Optional[Callable[[int], None]] = None) -> list[Score]: ...
 
@@ -109,6 +111,11 @@ class TransformersScorer:
     @property
     def loaded(self) -> bool:
         return self.model is not None
+
+    @property
+    def about(self) -> Mapping[str, Any]:
+        """The model's name, revision, dtype and device, for reports."""
+        return {"name": self.spec.name, **self.spec.about}
 
     def load(self) -> None:
         """Load the weights (once) and split the model into its body and its LM head."""

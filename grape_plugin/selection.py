@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 from .config import GrapeConfig
 from .hookspecs import hookimpl
-from .records import Drops, Group, Score
+from .records import Drops, Group, Reason
 
 TIE = 1e-4
 
@@ -77,23 +77,11 @@ def needs_scores(group: Group, cfg: GrapeConfig) -> bool:
     return len(group.candidates) > cfg.top_k or cfg.budget is not None or cfg.budget_fraction is not None
 
 
-def select(
-    groups: Iterable[Group], scores: Mapping[tuple[str, int], Score], cfg: GrapeConfig
-) -> tuple[dict[str, tuple[int, ...]], Drops]:
-    """Kept candidate indices per group key (after the strategy and the budget), and what was not kept. Candidates
-    are compared by ``cfg.metric`` (``metrics.py``)."""
-    from .metrics import fit_values
-
-    return choose(groups, fit_values(scores, cfg), cfg)
-
-
 def choose(
-    groups: Iterable[Group], fits: Mapping[tuple[str, int], float], cfg: GrapeConfig
+    groups: Iterable[Group], fits: Mapping[tuple[str, int], float], selector: Selector, cfg: GrapeConfig
 ) -> tuple[dict[str, tuple[int, ...]], Drops]:
-    """``select`` over fits already computed (each scored candidate's value of the metric)."""
-    from .plugins import lookup
-
-    selector = lookup("selectors", cfg.strategy)
+    """Kept candidate indices per group key (after ``selector`` and the budget), and what was not kept. ``fits``
+    are each scored candidate's value of the run's metric (``metrics.py``)."""
     kept: dict[str, tuple[int, ...]] = {}
     group_fits: list[tuple[str, float]] = []
     candidates, instructions = Counter(), Counter()
@@ -105,10 +93,10 @@ def choose(
         picked = selector.pick(values, cfg.top_k, g.key, cfg.seed)
         kept[g.key] = tuple(g.candidates[p].index for p in picked)
         group_fits.append((g.key, sum(values[p] for p in picked) / len(picked)))
-        candidates["not_selected"] += len(g.candidates) - len(picked)
+        candidates[Reason.NOT_SELECTED] += len(g.candidates) - len(picked)
     in_budget = apply_budget(group_fits, cfg.budget, cfg.budget_fraction, selector.budget_sign)
     if in_budget is not None:
         for key in [k for k, _ in group_fits if k not in in_budget]:
-            instructions["over_budget"] += 1
-            candidates["over_budget"] += len(kept.pop(key))
+            instructions[Reason.OVER_BUDGET] += 1
+            candidates[Reason.OVER_BUDGET] += len(kept.pop(key))
     return kept, Drops.of(candidates, instructions)

@@ -36,6 +36,7 @@ class VLLMScorer:
         )
         self.identity = f"vllm:{self.name}@{cfg.revision or 'main'}|{self.dtype}"
         self.context_length = getattr(self.tokenizer, "model_max_length", None)
+        self.about = {"name": self.name, "revision": cfg.revision, "dtype": self.dtype}
         self.llm: Any = None
 
     @property

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from tests.helpers import write_jsonl
 
+from grape_plugin import __version__
 from grape_plugin.cli import main
 from grape_plugin.plugins import load_plugins
 
@@ -215,3 +216,20 @@ def test_a_fully_cached_rerun_loads_no_weights(selected, tiny_model, pool_file, 
     assert main(["select", str(pool_file), "--model", str(tiny_model), "-o", str(out), "--cache-dir", str(cache), "--top-k", "2"]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["scored"] == 0 and report["model_loaded"] is False
+    # what made the selection is said for a cached run too
+    made = report["made_by"]
+    assert made["model"]["name"] == str(tiny_model) and made["model"]["dtype"] == "float32"
+    assert made["template"] == "paper" and made["metric"] == "mean" and made["options"]["top_k"] == 2
+    assert made["grape_plugin"] == __version__ and str(tiny_model) in (out / "report.html").read_text()
+
+
+def test_select_into_the_same_folder_reuses_the_selection_until_an_option_changes(selected, tiny_model, pool_file, capsys):
+    out, cache = selected
+    capsys.readouterr()
+    argv = ["select", str(pool_file), "--model", str(tiny_model), "-o", str(out), "--cache-dir", str(cache)]
+    assert main(argv) == 0
+    assert f"reusing the selection in {out}" in capsys.readouterr().out
+    assert main([*argv, "--strategy", "worst"]) == 0
+    assert "reusing" not in capsys.readouterr().out
+    assert json.loads((out / "report.json").read_text())["made_by"]["strategy"] == "worst"
+    assert json.loads((out / "selection.json").read_text())["inputs"]["options"]["strategy"] == "worst"

@@ -5,9 +5,11 @@ from __future__ import annotations
 import ast
 import copy
 
+import pytest
+
 from tests.helpers import ROOT, write_jsonl
 
-from grape_plugin import GrapeConfig, read, run_groups
+from grape_plugin import GrapeConfig, read, run, run_groups
 from grape_plugin.cli import parser
 
 
@@ -79,3 +81,80 @@ def test_truncated_candidates_are_kept_not_dropped(tmp_path, tiny_model):
     assert selection.stats.truncated == 1 and selection.drops.as_dict() == {
         "candidates": {"not_selected": 1}, "instructions": {}, "rows": {}}
     assert len(selection.groups[0].candidates) == 2
+
+
+def test_no_core_module_imports_a_host_integration():
+    wings = "grape_plugin.integrations"
+    for module, targets in module_imports().items():
+        if not module.startswith(wings):
+            assert not [t for t in targets if t.startswith(wings)], f"{module} imports a host integration"
+
+
+def test_no_function_takes_more_than_six_parameters():
+    for path in (ROOT / "grape_plugin").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                a = node.args
+                names = [p.arg for p in (*a.posonlyargs, *a.args, *a.kwonlyargs) if p.arg not in ("self", "cls")]
+                assert len(names) <= 6, f"{path.name}:{node.lineno} {node.name} takes {len(names)} parameters"
+
+
+def test_no_plugin_is_looked_up_once_a_run_has_started(pool_file, tiny_model, monkeypatch):
+    from grape_plugin import Components, plugins
+
+    parts = Components.of(GrapeConfig(model=str(tiny_model), cache_dir=None, metric="min_k", strategy="worst"))
+    data = read(pool_file, parts)
+    monkeypatch.setattr(plugins, "registry", lambda kind: pytest.fail(f"{kind} looked up during the run"))
+    selection = run_groups(data.grouped, parts)
+    assert selection.kept and selection.metric == "min_k"
+
+
+def test_a_scorer_without_the_optional_members_runs(pool_file, tiny_model, tmp_path):
+    """A third-party scorer with only what the Scorer protocol requires (no context_length, loaded, about, close)."""
+    from transformers import AutoTokenizer
+
+    from grape_plugin import Score, hookimpl
+    from grape_plugin.plugins import load_plugins
+
+    class Bare:
+        def __init__(self, cfg):
+            self.tokenizer, self.identity = AutoTokenizer.from_pretrained(str(tiny_model)), "bare"
+
+        def score(self, items, progress=None):
+            return [Score(-float(i.n_tokens), i.n_tokens) for i in items]  # every token at log-prob -1
+
+    class Plugin:
+        @hookimpl
+        def grape_register_scorers(self, register):
+            register("bare", Bare)
+
+    pm, plugin = load_plugins(), Plugin()
+    pm.register(plugin, name="bare-scorer")
+    try:
+        data, selection = run(pool_file, GrapeConfig(scorer="bare", cache_dir=None))
+    finally:
+        pm.unregister(plugin)
+    assert all(s.mean == -1.0 for s in selection.scores.values()) and len(selection.kept) == len(data.groups)
+    assert selection.stats.model_loaded is None and selection.made_by["model"]["identity"] == "bare"
+
+
+def test_a_plugin_missing_a_required_member_is_one_clear_line():
+    from grape_plugin import Components, GrapeError, hookimpl
+    from grape_plugin.plugins import load_plugins
+
+    class NoScore:
+        def __init__(self, cfg):
+            self.tokenizer, self.identity = None, "x"
+
+    class Plugin:
+        @hookimpl
+        def grape_register_scorers(self, register):
+            register("noscore", NoScore)
+
+    pm, plugin = load_plugins(), Plugin()
+    pm.register(plugin, name="noscore-scorer")
+    try:
+        with pytest.raises(GrapeError, match="plugin 'noscore': NoScore has no 'score', which the Scorer protocol"):
+            Components.of(GrapeConfig(scorer="noscore", cache_dir=None)).make_scorer()
+    finally:
+        pm.unregister(plugin)

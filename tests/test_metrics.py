@@ -12,10 +12,9 @@ import pytest
 import torch
 from tests.helpers import pool_rows, render_pair
 
-from grape_plugin import GrapeConfig, GrapeError, Score, run, write
+from grape_plugin import Components, GrapeConfig, GrapeError, Score, run, write
 from grape_plugin.cache import SCHEMA, Entry, ScoreCache
 from grape_plugin.cli import main
-from grape_plugin.metrics import fit_function
 from grape_plugin.models import load_model
 from grape_plugin.plugins import registry
 from grape_plugin.render import paper_renderer
@@ -72,7 +71,7 @@ def reference(name: str, lp: np.ndarray, ranks: np.ndarray, cfg: GrapeConfig) ->
 @pytest.mark.parametrize("params", [{}, {"min_k_fraction": 0.05, "rsr_rank_clip": 5}])
 def test_metrics_equal_direct_computation(scored, name, params):
     cfg = GrapeConfig(metric=name, **params)
-    fit = fit_function(cfg)
+    fit = Components.of(cfg).fit
     for score, lp, ranks in scored:
         expected = reference(name, lp, ranks, cfg)
         assert abs(fit(score) - expected) < 1e-4 * max(1.0, abs(expected)), (name, fit(score), expected)
@@ -141,7 +140,7 @@ def test_changing_the_metric_runs_no_model(tiny_model, pool_file, tmp_path):
         kept[name] = again.kept
         if name == "rsr":
             rsr_data, rsr_selection = data, again
-    fit = fit_function(GrapeConfig(metric="rsr"))
+    fit = Components.of(GrapeConfig(metric="rsr")).fit
     out = write(rsr_data, rsr_selection, tmp_path / "out")  # the scores table and the report say which metric chose
     rows = [json.loads(line) for line in out["scores"].read_text().splitlines()]
     assert json.loads(out["report"].read_text())["metric"] == "rsr"
@@ -157,11 +156,11 @@ def test_metrics_refuse_scores_without_what_they_need(tiny_model, pool_file, tmp
     with pytest.raises(GrapeError, match="set keep_token_scores"):
         run(pool_file, GrapeConfig(model=str(tiny_model), metric="rsr", keep_token_scores=False, cache_dir=None))
     vllm_like = Score.of(-3.0, 2, [-1.0, -2.0])  # log-probabilities but no ranks
-    assert fit_function(GrapeConfig(metric="min_k"))(vllm_like) == -2.0
+    assert Components.of(GrapeConfig(metric="min_k")).fit(vllm_like) == -2.0
     with pytest.raises(GrapeError, match="metric 'rsr' needs per-token ranks"):
-        fit_function(GrapeConfig(metric="rsr"))(vllm_like)
+        Components.of(GrapeConfig(metric="rsr")).fit(vllm_like)
     with pytest.raises(GrapeError, match="no metric named 'nope'; registered: mean, sum"):
-        fit_function(GrapeConfig(metric="nope"))
+        Components.of(GrapeConfig(metric="nope"))
 
 
 def test_cache_without_token_scores_is_smaller_and_rescored_when_they_are_wanted(tiny_model, pool_file, tmp_path):

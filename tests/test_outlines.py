@@ -8,7 +8,7 @@ import pytest
 
 from grape_plugin import GrapeConfig, pipeline
 from grape_plugin.formats import LongRows
-from grape_plugin.pipeline import read, run, run_groups
+from grape_plugin import read, run, run_groups
 from grape_plugin.records import Grouped
 from tests.helpers import pool_rows, write_jsonl
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 
-from grape_plugin.pipeline import score_rows
+from grape_plugin.output import score_rows
 from grape_plugin.records import Candidate, Group, Score, Selection
 from grape_plugin.report import score_line
 

@@ -12,16 +12,14 @@ from typing import Any, Optional
 
 from pydantic import BaseModel, field_validator
 
-from grape_plugin.config import host_config
+from grape_plugin.host import BaseHost
 from grape_plugin.errors import GrapeError
 
-HINTS = {
+HINTS = {  # Axolotl's words for the options the run decides (grape_plugin.host.HOST_DECIDES), and more
     "model": "the scoring model is the run's base_model (with its adapter, quantization and attention settings)",
     "revision": "set revision_of_model",
     "trust_remote_code": "set trust_remote_code at the top level",
     "dtype": "the run's bf16/fp16/torch_dtype decide it",
-    "device": "scoring runs on the run's devices",
-    "scorer": "the run's model scores",
     "split": "set split: on the datasets: entry",
 }
 
@@ -37,7 +35,7 @@ class GrapeArgs(BaseModel):
         if value is None or value is False:
             return None
         try:
-            host_config(value, {}, "grape", HINTS)
+            BaseHost.options(value, {}, "grape", HINTS)
         except GrapeError as exc:  # pydantic reports ValueErrors as validation errors
             raise ValueError(str(exc)) from None
         return {} if value is True else dict(value)

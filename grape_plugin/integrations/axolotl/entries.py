@@ -6,13 +6,12 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Mapping
 
 from grape_plugin.config import GrapeConfig
 from grape_plugin.datafiles import pick_split
 from grape_plugin.errors import GrapeError
 from grape_plugin.formats import ADDED_RESPONSE, Context, Format, detect_format
-from grape_plugin.plugins import registry
 from grape_plugin.records import Candidate, Group
 
 from .compat import load_dataset_with_config
@@ -50,9 +49,9 @@ def row_digest(rows: Any) -> str:
     return digest.hexdigest()
 
 
-def load_entries(cfg: Any, gcfg: GrapeConfig) -> list[Entry]:
-    """Every ``datasets:`` entry's rows, exactly as Axolotl loads them (same features, same None-filling)."""
-    formats = registry("formats")
+def load_entries(cfg: Any, gcfg: GrapeConfig, formats: Mapping[str, Format]) -> list[Entry]:
+    """Every ``datasets:`` entry's rows, exactly as Axolotl loads them (same features, same None-filling), read with
+    the run's ``formats``."""
     entries = []
     for i, entry_cfg in enumerate(cfg.datasets):
         where = f"datasets[{i}] ({entry_cfg.path})"

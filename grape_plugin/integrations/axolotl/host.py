@@ -8,20 +8,19 @@ adapters and attention settings). The kept rows are written, in each entry's own
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 from typing import Any, Mapping
 
-from grape_plugin.config import GrapeConfig, host_config
+from grape_plugin.components import Components
+from grape_plugin.config import GrapeConfig
 from grape_plugin.errors import GrapeError
 from grape_plugin.formats import Input, group_rows
-from grape_plugin.host import Host, prepare
-from grape_plugin.models import ModelSpec, weights_identity
+from grape_plugin.host import BaseHost, prepare
 from grape_plugin.records import Grouped, Selection
 from grape_plugin.render import Renderer
-from grape_plugin.scoring import Scorer, TransformersScorer
+from grape_plugin.scoring import Scorer
 
 from .args import HINTS
 from .compat import DictDefault, ModelLoader, init_distributed_state, load_tokenizer, scoring_cfg
@@ -57,66 +56,56 @@ def grape_config(cfg: Any) -> GrapeConfig:
         "over_length": "truncate" if truncate else "drop",
         "dtype": DTYPES.get(str(cfg.torch_dtype), "auto"),
     }
-    return host_config(cfg.grape, defaults, "grape", HINTS)
+    return BaseHost.options(cfg.grape, defaults, "grape", HINTS)
 
 
-class AxolotlHost(Host):
+class AxolotlHost(BaseHost):
     """The GRAPE host contract for one Axolotl run (see ``grape_plugin.host``)."""
 
-    def __init__(self, cfg: Any, gcfg: GrapeConfig, prepared_default: str):
-        self.cfg, self.gcfg, self.prepared_default = cfg, gcfg, prepared_default
-        self.entries = load_entries(cfg, gcfg)
+    def __init__(self, run: Any, cfg: GrapeConfig, prepared_default: str):
+        super().__init__(Components.of(cfg, host_template=True))
+        self.run, self.prepared_default = run, prepared_default
+        self.entries = load_entries(run, cfg, self.parts.formats)
         self.where = ", ".join(e.context.file for e in self.entries)
 
     def scorer(self) -> Scorer:
-        cfg = self.cfg
-        tokenizer = load_tokenizer(cfg)
-        weights = [weights_identity(str(cfg.base_model), cfg.revision_of_model)]
-        if cfg.lora_model_dir:
-            weights.append(weights_identity(str(cfg.lora_model_dir)))
-        identity = "axolotl|" + "|".join(weights) + "|" + json.dumps({k: str(cfg.get(k)) for k in MODEL_KEYS})
+        run, tokenizer = self.run, load_tokenizer(self.run)
+        weights = [(str(run.base_model), run.revision_of_model)]
+        if run.lora_model_dir:
+            weights.append((str(run.lora_model_dir), None))
 
         def load() -> Any:
-            model, _ = ModelLoader(scoring_cfg(cfg), tokenizer, inference=True).load()
+            model, _ = ModelLoader(scoring_cfg(run), tokenizer, inference=True).load()
             return model.eval().requires_grad_(False)
 
-        spec = ModelSpec(str(cfg.base_model), tokenizer, identity, load)
-        return TransformersScorer(spec, self.gcfg.batch_tokens)
+        return self.model_scorer("axolotl", tokenizer, weights, {k: run.get(k) for k in MODEL_KEYS}, load)
 
     def key_parts(self) -> Mapping[str, Any]:
         return {
-            "axolotl": {k: self.cfg.get(k) for k in TOKENIZING_KEYS},
+            "axolotl": {k: self.run.get(k) for k in TOKENIZING_KEYS},
             "datasets": [{"entry": dict(e.config), "rows": e.digest} for e in self.entries],
         }
 
     def read(self) -> Grouped:
         inputs = [Input(e.rows, e.format, e.context) for e in self.entries]
-        return group_rows(inputs, self.gcfg.min_candidates)
+        return group_rows(inputs, self.cfg.min_candidates)
 
-    def renderer(self, scorer: Scorer) -> Renderer:
+    def train_renderer(self, scorer: Scorer) -> Renderer:
         """``template: train``: each candidate's training row through its entry's Axolotl prompt strategy."""
-        from grape_plugin.pipeline import make_renderer
-
-        if self.gcfg.template != "train":
-            return make_renderer(scorer, self.gcfg)
-        return train_renderer(self.cfg, scorer.tokenizer, self.entries)
+        return train_renderer(self.run, scorer.tokenizer, self.entries)
 
     def folder(self, key: str) -> Path:
-        return Path(self.cfg.dataset_prepared_path or self.prepared_default) / "grape" / key
+        return Path(self.run.dataset_prepared_path or self.prepared_default) / "grape" / key
 
-    def write(self, selection: Selection, folder: Path) -> None:
+    def write(self, selection: Selection, folder: Path) -> dict[str, Path]:
         """One ``selected_<entry>.jsonl`` per entry that kept any row."""
-        picked = list(selection.picks_in_order(texts=True))
+        picked, paths = list(selection.picks_in_order(texts=True)), {}
         for part, entry in enumerate(self.entries):
             picks = [(g, c) for g, c in picked if c.part == part]
             if picks:
-                rows = entry.training_rows(picks)
-                rows.to_json(str(folder / f"selected_{part}.jsonl"), lines=True, force_ascii=False)
-
-    def is_writer(self) -> bool:
-        from grape_plugin.distributed import rank_world
-
-        return rank_world()[0] == 0
+                paths[f"selected_{part}"] = folder / f"selected_{part}.jsonl"
+                entry.training_rows(picks).to_json(str(paths[f"selected_{part}"]), lines=True, force_ascii=False)
+        return paths
 
 
 def check_run(cfg: Any) -> None:
@@ -148,7 +137,7 @@ def select_datasets(cfg: Any, prepared_default: str) -> None:
     gcfg = grape_config(cfg)
     check_run(cfg)
     init_process_group()
-    prepared = prepare(AxolotlHost(cfg, gcfg, prepared_default), gcfg)
+    prepared = prepare(AxolotlHost(cfg, gcfg, prepared_default))
     LOG.info("GRAPE: %s %s", "reusing the selection in" if prepared.reused else "selection written to", prepared.folder)
     files = [(i, prepared.folder / f"selected_{i}.jsonl") for i in range(len(cfg.datasets))]
     cfg.datasets = [repoint(cfg.datasets[i], path) for i, path in files if path.is_file()]

@@ -5,10 +5,6 @@
     grape-plugin llamafactory train config.yaml [key=value ...]     # select, then train (every rank)
     grape-plugin llamafactory select config.yaml -o DIR             # or write the selection for llamafactory-cli
 
-See README.md in this folder. ``llamafactory-cli`` itself ignores the key and trains on every row.
+See README.md in this folder. ``llamafactory-cli`` itself ignores the key and trains on every row. The host is in
+``host.py``, the commands in ``train.py`` (registered by ``commands.py``).
 """
-
-from .host import LlamaFactoryHost
-from .train import prepare, select_offline, train, train_rank
-
-__all__ = ["LlamaFactoryHost", "prepare", "select_offline", "train", "train_rank"]

@@ -6,6 +6,8 @@
 - ``sft_encoder``: the private ``SupervisedDatasetProcessor._encode_data_example``, LLaMA-Factory's SFT encoding.
 - ``torchrun_needed`` / ``torchrun_command``: ``llamafactory.launcher``'s decision and command, with this package
   as the entry of every rank.
+- the public loaders the host uses (tokenizer and template, model, converter, dataset list, ``run_exp``), imported
+  here when first called, so that the package imports without LLaMA-Factory.
 """
 
 from __future__ import annotations
@@ -97,3 +99,53 @@ def torchrun_command(argv: list[str]) -> tuple[list[str], dict[str, str]]:
     if is_env_enabled("OPTIM_TORCH", "1"):
         env.update(PYTORCH_CUDA_ALLOC_CONF="expandable_segments:True", TORCH_NCCL_AVOID_RECORD_STREAMS="1")
     return cmd + ["-m", __package__, *argv], env
+
+
+def load_tokenizer_and_template(model_args: Any, data_args: Any) -> tuple[Any, Any, Any]:
+    """The run's tokenizer, processor and chat template (which may add tokens to the tokenizer)."""
+    from llamafactory.data import get_template_and_fix_tokenizer
+    from llamafactory.model import load_tokenizer
+
+    loaded = load_tokenizer(model_args)
+    template = get_template_and_fix_tokenizer(loaded["tokenizer"], data_args)
+    return loaded["tokenizer"], loaded["processor"], template
+
+
+def load_model(tokenizer: Any, model_args: Any, finetuning_args: Any) -> Any:
+    """The run's model with its adapters, in eval mode without gradients."""
+    from llamafactory.model import load_model as lf_load_model
+
+    return lf_load_model(tokenizer, copy.deepcopy(model_args), finetuning_args, is_trainable=False)
+
+
+def version() -> str:
+    from llamafactory.extras.env import VERSION
+
+    return VERSION
+
+
+def dataset_converter(attr: Any, data_args: Any) -> Callable[[dict], dict]:
+    """LLaMA-Factory's converter of one entry's rows to its aligned form (``_prompt``, ``_response``, ...)."""
+    from llamafactory.data.converter import get_dataset_converter
+
+    return get_dataset_converter(attr.formatting, attr, data_args)
+
+
+def dataset_list(names: list[str], info: dict) -> list[Any]:
+    """The ``DatasetAttr`` of each named entry of ``dataset_info.json``."""
+    from llamafactory.data.parser import get_dataset_list
+
+    return get_dataset_list(names, info)
+
+
+def has_tokenized_data(path: str) -> bool:
+    from llamafactory.extras.misc import has_tokenized_data as lf_has_tokenized_data
+
+    return lf_has_tokenized_data(path)
+
+
+def run_exp(args: Any) -> None:
+    """Train as ``llamafactory-cli train`` does."""
+    from llamafactory.train.tuner import run_exp as lf_run_exp
+
+    lf_run_exp(args)

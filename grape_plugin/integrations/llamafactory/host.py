@@ -17,20 +17,23 @@ import os
 import sys
 from collections import Counter
 from dataclasses import dataclass, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
-from grape_plugin.config import HOST_TEMPLATE, GrapeConfig, default_cache_dir, host_config
+from grape_plugin.components import Components
+from grape_plugin.config import GrapeConfig, default_cache_dir
 from grape_plugin.datafiles import safe_filename
 from grape_plugin.errors import GrapeError, input_error
 from grape_plugin.formats import Context, Format, Input, group_rows
-from grape_plugin.host import Host
-from grape_plugin.records import Candidate, Draft, Drops, Group, Grouped, Selection
+from grape_plugin.host import BaseHost
+from grape_plugin.records import Candidate, Draft, Drops, Group, Grouped, Reason, Selection
 from grape_plugin.render import Rendered, Renderer, labelled_span
 from grape_plugin.scoring import Scorer
 
-from .compat import sft_encoder
+from .compat import dataset_converter, load_model, load_tokenizer_and_template, sft_encoder, version
 
+DATA_CONFIG = "dataset_info.json"
 MEDIA = ("images", "videos", "audios")
 ALIGNED = ("_prompt", "_system", "_tools", *(f"_{m}" for m in MEDIA))
 ROLES = {"user": "user", "assistant": "assistant", "observation": "user", "function": "assistant"}
@@ -47,13 +50,11 @@ MODEL_KEYS = (
     "flash_attn", "shift_attn", "mixture_of_depths", "use_unsloth", "upcast_layernorm", "upcast_lmhead_output",
     "resize_vocab", "new_special_tokens", "add_tokens", "add_special_tokens", "train_from_scratch",
 )  # fmt: skip
-HINTS = {
+HINTS = {  # LLaMA-Factory's words for the options the run decides (grape_plugin.host.HOST_DECIDES), and more
     "model": "the scoring model is the run's model_name_or_path (with adapter_name_or_path)",
     "revision": "set model_revision in the training config",
     "trust_remote_code": "set trust_remote_code in the training config",
     "dtype": "the run's bf16/fp16/infer_dtype decide the dtype",
-    "device": "scoring runs on the run's devices",
-    "scorer": "the run's model scores",
     "format": "the entry's formatting and columns say how rows read",
     "response_column": "name the response column under the entry's columns",
     "split": "an entry reads its files' rows; LLaMA-Factory's own \"split\" key is the entry's",
@@ -69,7 +70,7 @@ def entry_config(raw: Any, where: str, cutoff_len: int) -> Optional[GrapeConfig]
     """
     if raw is None or raw is False:
         return None
-    cfg = host_config(raw, {"max_length": cutoff_len}, where, HINTS)
+    cfg = BaseHost.options(raw, {"max_length": cutoff_len}, where, HINTS)
     if cfg.max_length is not None and cfg.max_length > cutoff_len:
         raise GrapeError(f"{where}: max_length {cfg.max_length} exceeds the run's cutoff_len {cutoff_len}; "
                          "LLaMA-Factory would truncate longer winners")  # fmt: skip
@@ -190,45 +191,33 @@ class TrainRenderer:
         return short
 
 
-class LlamaFactoryHost(Host):
+class LlamaFactoryHost(BaseHost):
     """The GRAPE host contract for one LLaMA-Factory run (see ``grape_plugin.host``)."""
 
     def __init__(self, args: Any, parsed: tuple, info_path: str, info: dict, entries: list[Entry], cfg: GrapeConfig):
-        self.args, self.info_path, self.info, self.entries, self.cfg = args, info_path, info, entries, cfg
+        super().__init__(Components.of(cfg, host_template=True))
+        self.args, self.info_path, self.info, self.entries = args, info_path, info, entries
         self.model_args, self.data_args, self.training_args, self.finetuning_args = parsed
         self.where = info_path
-        self.train_renderer: Optional[TrainRenderer] = None
+        self.trained: Optional[TrainRenderer] = None
+
+    @cached_property
+    def tokenizer(self) -> tuple[Any, Any, Any]:
+        """The run's tokenizer, processor and template, loaded once (the template may add tokens)."""
+        return load_tokenizer_and_template(self.model_args, self.data_args)
 
     def scorer(self) -> Scorer:
-        from llamafactory.data import get_template_and_fix_tokenizer
-        from llamafactory.model import load_tokenizer
-
-        from grape_plugin.models import ModelSpec, weights_identity
-        from grape_plugin.scoring import TransformersScorer
-
         m, f, t = self.model_args, self.finetuning_args, self.training_args
-        loaded = load_tokenizer(m)
-        tokenizer, self.processor = loaded["tokenizer"], loaded["processor"]
-        self.template = get_template_and_fix_tokenizer(tokenizer, self.data_args)  # it may add tokens
-        names = [m.model_name_or_path, *(m.adapter_name_or_path or [])]
-        dtype = f"bf16={t.bf16 or f.pure_bf16},fp16={t.fp16},infer={m.infer_dtype}"
-        options = json.dumps({k: str(getattr(m, k, None)) for k in MODEL_KEYS}, sort_keys=True)
-        identity = "|".join(["llamafactory", *(weights_identity(n, m.model_revision) for n in names),
-                             f.finetuning_type, dtype, options])  # fmt: skip
-
-        def load() -> Any:
-            from llamafactory.model import load_model
-
-            return load_model(tokenizer, copy.deepcopy(m), f, is_trainable=False)  # eval mode, no gradients
-
-        return TransformersScorer(ModelSpec(m.model_name_or_path, tokenizer, identity, load), self.cfg.batch_tokens)
+        tokenizer = self.tokenizer[0]
+        weights = [(m.model_name_or_path, m.model_revision), *((n, None) for n in m.adapter_name_or_path or [])]
+        settings = {"finetuning_type": f.finetuning_type, **{k: getattr(m, k, None) for k in MODEL_KEYS},
+                    "dtype": f"bf16={t.bf16 or f.pure_bf16},fp16={t.fp16},infer={m.infer_dtype}"}  # fmt: skip
+        return self.model_scorer("llamafactory", tokenizer, weights, settings, lambda: load_model(tokenizer, m, f))
 
     def key_parts(self) -> Mapping[str, Any]:
-        from llamafactory.extras.env import VERSION
-
         d = self.data_args
         return {
-            "llamafactory": VERSION,
+            "llamafactory": version(),
             "entries": [e.identity() for e in self.entries],
             "info": self.info,
             "dirs": [os.path.abspath(d.dataset_dir), os.path.abspath(d.media_dir)],
@@ -237,8 +226,6 @@ class LlamaFactoryHost(Host):
 
     def read(self) -> Grouped:
         """Every entry's candidates, grouped across entries; ``max_samples`` reads the first N instructions of each."""
-        from llamafactory.data.converter import get_dataset_converter
-
         d = copy.copy(self.data_args)
         d.media_dir = os.path.abspath(d.media_dir)  # media paths are written absolute
         inputs = []
@@ -251,27 +238,23 @@ class LlamaFactoryHost(Host):
                 if named is not None and named not in ctx.columns:
                     raise GrapeError(f"{ctx.file}: grape option {option} names column '{named}', which dataset "
                                      f"'{e.name}' lacks; its columns are {', '.join(ctx.columns)}")  # fmt: skip
-            fmt = EntryRows(e, get_dataset_converter(e.attr.formatting, e.attr, d))
+            fmt = EntryRows(e, dataset_converter(e.attr, d))
             inputs.append(Input(rows, fmt, ctx, d.max_samples))
         grouped = group_rows(inputs, self.cfg.min_candidates)
-        invalid = Drops.of({"invalid_example": sum(i.format.invalid for i in inputs)})
+        invalid = Drops.of({Reason.INVALID_EXAMPLE: sum(i.format.invalid for i in inputs)})
         return replace(grouped, drops=grouped.drops + invalid)
 
-    def renderer(self, scorer: Scorer) -> Renderer:
-        from grape_plugin.pipeline import make_renderer
-
-        if self.cfg.template != HOST_TEMPLATE:
-            return make_renderer(scorer, self.cfg)
-        self.train_renderer = TrainRenderer(self.template, scorer.tokenizer, self.processor, self.data_args,
-                                            self.cfg.over_length)  # fmt: skip
-        return self.train_renderer
+    def train_renderer(self, scorer: Scorer) -> Renderer:
+        _, processor, template = self.tokenizer
+        self.trained = TrainRenderer(template, scorer.tokenizer, processor, self.data_args, self.cfg.over_length)
+        return self.trained
 
     def finish(self, selection: Selection) -> Selection:
         """Count LLaMA-Factory's truncations; cap each entry at ``max_samples`` rows with whole instructions only,
         so LLaMA-Factory's own ``max_samples`` cut never splits one."""
         from grape_plugin.distributed import all_gather
 
-        truncated = sum(all_gather([self.train_renderer.truncated])) if self.train_renderer else 0  # ranks' shares
+        truncated = sum(all_gather([self.trained.truncated])) if self.trained else 0  # the ranks' shares
         if truncated:
             selection = replace(selection, stats=replace(selection.stats, truncated=selection.stats.truncated + truncated))
         limit = self.data_args.max_samples
@@ -286,12 +269,12 @@ class LlamaFactoryHost(Host):
                 over.append(key)
             else:
                 rows += parts
-        return selection.dropping(over, "over_max_samples")
+        return selection.dropping(over, Reason.OVER_MAX_SAMPLES)
 
     def folder(self, key: str) -> Path:
         return Path(self.cfg.cache_dir or default_cache_dir()) / "llamafactory" / key
 
-    def write(self, selection: Selection, folder: Path) -> None:
+    def write(self, selection: Selection, folder: Path) -> dict[str, Path]:
         """``<entry>.jsonl`` per grape entry (canonical ShareGPT rows, in input order; empty when nothing of it won)
         and a ``dataset_info.json`` that keeps every other entry, with paths made absolute."""
         rows: list[list[dict]] = [[] for _ in self.entries]
@@ -305,7 +288,8 @@ class LlamaFactoryHost(Host):
             info[e.name] = {"file_name": safe_filename(e.name, ".jsonl"), **SHAREGPT_ENTRY, **num}
             text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept)
             (folder / info[e.name]["file_name"]).write_text(text, encoding="utf-8")
-        (folder / "dataset_info.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+        (folder / DATA_CONFIG).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+        return {"dataset_info": folder / DATA_CONFIG, **{e.name: folder / info[e.name]["file_name"] for e in self.entries}}
 
     def is_writer(self) -> bool:
         """One writer per node, or one in all with ``data_shared_file_system``."""

@@ -22,11 +22,10 @@ from grape_plugin.errors import GrapeError
 from grape_plugin.host import Prepared
 from grape_plugin.host import prepare as prepare_selection
 
-from .compat import parse_train_args, read_args, torchrun_command, torchrun_needed
-from .host import Entry, LlamaFactoryHost, entry_config, shared_config
+from .compat import dataset_list, has_tokenized_data, parse_train_args, read_args, run_exp, torchrun_command, torchrun_needed
+from .host import DATA_CONFIG, Entry, LlamaFactoryHost, entry_config, shared_config
 
 LOG = logging.getLogger("grape_plugin.llamafactory")
-DATA_CONFIG = "dataset_info.json"
 
 
 def entry_files(name: str, attr: Any, dataset_dir: str, where: str) -> list[str]:
@@ -44,9 +43,6 @@ def entry_files(name: str, attr: Any, dataset_dir: str, where: str) -> list[str]
 
 def make_plan(args: Any) -> Optional[LlamaFactoryHost]:
     """The run's grape entries as a host, validated; None when there are none (the run trains as it would anyway)."""
-    from llamafactory.data.parser import get_dataset_list
-    from llamafactory.extras.misc import has_tokenized_data
-
     m, d, t, f = parse_train_args(args)
     info_path = os.path.join(d.dataset_dir, DATA_CONFIG)
     if d.dataset_dir == "ONLINE" or d.dataset_dir.startswith("REMOTE:") or not os.path.isfile(info_path):
@@ -73,7 +69,7 @@ def make_plan(args: Any) -> Optional[LlamaFactoryHost]:
                     "skipped. Delete it (or choose a new tokenized_path) to train on the selection.", d.tokenized_path)
         return None
     cfg = shared_config(options, info_path)
-    attrs = get_dataset_list(list(options), info)
+    attrs = dataset_list(list(options), info)
     entries = [Entry(name, info[name], attr, options[name], entry_files(name, attr, d.dataset_dir, info_path))
                for name, attr in zip(options, attrs)]  # fmt: skip
     return LlamaFactoryHost(args, (m, d, t, f), info_path, info, entries, cfg)
@@ -105,7 +101,7 @@ def prepare(args: Any) -> Any:
     if host is None:
         return args
     _ = host.training_args.device  # under torchrun this starts the process group LLaMA-Factory's trainer then uses
-    prepared = prepare_selection(host, host.cfg)
+    prepared = prepare_selection(host)
     if host.training_args.process_index == 0:
         log_selection(prepared)
     return redirect(host, prepared.folder)
@@ -124,8 +120,6 @@ def train(argv: list[str]) -> int:
 
 def train_rank(args: Any) -> int:
     """One process of the run (the torchrun entry, or the only process)."""
-    from llamafactory.train.tuner import run_exp
-
     LOG.setLevel(logging.INFO)
     run_exp(prepare(args))
     return 0
@@ -146,7 +140,7 @@ def select_offline(argv: list[str], out: str) -> str:
     inputs = [Path(f).resolve() for e in host.entries for f in e.files]
     if target == Path(host.data_args.dataset_dir).resolve() or any(p.is_relative_to(target) for p in inputs):
         raise GrapeError(f"-o {out}: holds the run's own data; choose another folder")
-    prepared = prepare_selection(host, host.cfg)
+    prepared = prepare_selection(host)
     shutil.copytree(prepared.folder, target, dirs_exist_ok=True)
     log_selection(prepared)
     args = redirect(host, target)

@@ -1,0 +1,70 @@
+"""``grape-plugin llamafactory train|select``, registered through the ``grape_register_commands`` hook (this
+module is a ``grape_plugin`` entry point), so that the core's CLI imports no host integration."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any, Callable
+
+from grape_plugin.hookspecs import hookimpl
+
+LF_HELP = """\
+GRAPE for LLaMA-Factory. Turn selection on per dataset with a "grape" key in its dataset_info.json entry:
+
+  "pooled_sft": {"file_name": "pooled.json", "formatting": "sharegpt", "columns": {"messages": "conversations"},
+                 "grape": {"template": "train", "top_k": 1}}
+
+  grape-plugin llamafactory train config.yaml [key=value ...]   select, then train (on every rank)
+  grape-plugin llamafactory select config.yaml -o DIR           select only; then: llamafactory-cli train DIR/train.yaml
+
+A plain llamafactory-cli train ignores the key. Options: grape_plugin/integrations/llamafactory/README.md."""
+LF_TRAIN_HELP = """\
+Train with LLaMA-Factory on the GRAPE selection: takes exactly llamafactory-cli train's arguments.
+Datasets whose dataset_info.json entry has a "grape" key are scored with the run's model and template and
+replaced by their selection; the others are used as they are. With several devices (or FORCE_TORCHRUN=1) it
+re-launches itself under torchrun, like llamafactory-cli. See grape_plugin/integrations/llamafactory/README.md."""
+
+
+def cmd_llamafactory_train(args: argparse.Namespace) -> None:
+    if not args.args or args.args[0] in ("-h", "--help"):
+        print(args.usage())
+        return
+    from .train import train
+
+    code = train(args.args)
+    if code:
+        raise SystemExit(code)
+
+
+def cmd_llamafactory_select(args: argparse.Namespace) -> None:
+    from .train import select_offline
+
+    command = select_offline([args.config, *args.overrides], args.output)
+    print(f"selection written to {args.output}; train on it with:\n  {command}")
+
+
+def add_commands(sub: Any) -> None:
+    """``grape-plugin llamafactory train|select``."""
+    lf = sub.add_parser(
+        "llamafactory", help="LLaMA-Factory: train on the GRAPE selection of datasets with a grape key",
+        description=LF_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    lf_sub = lf.add_subparsers(dest="lf_command", required=True)
+    # '+' prefix: every argument, --flags included, goes to LLaMA-Factory unparsed
+    train = lf_sub.add_parser(
+        "train", prefix_chars="+", add_help=False, help="select, then train (llamafactory-cli train's arguments)",
+        description=LF_TRAIN_HELP, usage="%(prog)s config.yaml [key=value ...]",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )  # fmt: skip
+    train.add_argument("args", nargs=argparse.REMAINDER, metavar="config.yaml [key=value ...]")
+    train.set_defaults(func=cmd_llamafactory_train, usage=train.format_help)
+    sel = lf_sub.add_parser("select", help="write the selection and its dataset_info.json for llamafactory-cli train")
+    sel.add_argument("config", help="the training config (YAML or JSON)")
+    sel.add_argument("overrides", nargs="*", metavar="key=value", help="overrides, as llamafactory-cli takes them")
+    sel.add_argument("-o", "--output", required=True, help="folder for the selection (and a train.yaml using it)")
+    sel.set_defaults(func=cmd_llamafactory_select)
+
+
+@hookimpl
+def grape_register_commands(register: Callable[[str, Callable[[Any], None]], None]) -> None:
+    register("llamafactory", add_commands)
