@@ -34,7 +34,9 @@ b=$tmp/$name
 mkdir -p "$b/wheels" "$b/model" "$b/data" "$b/benchmarks"
 
 echo "grape-plugin's wheel, then what it needs (Python $pyver, glibc $glibc, $arch) and the node lacks"
-"$py" -m pip wheel -q --no-deps -w "$b/wheels" "$root" 2>"$tmp/wheel.log" || { cat "$tmp/wheel.log" >&2; exit 1; }
+mkdir "$tmp/src"  # the wheel is built from a copy of the checkout, so no build files land in it
+(cd "$root" && git ls-files -z --cached --others --exclude-standard | tar --null -T - -cf -) | tar -x -C "$tmp/src"
+"$py" -m pip wheel -q --no-deps -w "$b/wheels" "$tmp/src" 2>"$tmp/wheel.log" || { cat "$tmp/wheel.log" >&2; exit 1; }
 plats=(--platform "manylinux2014_$arch")
 for minor in $(seq 17 "${glibc#2.}"); do plats+=(--platform "manylinux_2_${minor}_$arch"); done
 target=(--only-binary=:all: --implementation cp --python-version "$pyver" "${plats[@]}")
