@@ -1,10 +1,12 @@
 """grape-plugin's own work at scale: read, group, render, cache + score, select, write, with a stand-in scorer.
 
-    python benchmarks/bench_scale.py [--sizes 1000 4000] [--quick]
+    python benchmarks/bench_scale.py [--sizes 1000 4000] [--data POOL] [--quick]
 
 The stand-in scorer is registered through the plugin hooks (``grape_register_scorers``) and costs almost nothing
 per token, so every second measured is grape-plugin's (it still returns per-token log-probs and ranks, like the
-real scorer). Pools are made from ../shared/data/alpaca_eval_pool.jsonl (805 instructions x 8 generators),
+real scorer). Pools are made from the AlpacaEval pool (--data: by default the whole pool, 805 instructions x 8
+generators, at ../shared/data/alpaca_eval_pool.jsonl beside the repository when it is there, else the 111-instruction
+slice in data/; the whole pool is built from the AlpacaEval repository's results files, see data/README.md),
 replicated with distinct ids and prompt variants up to each size; the tokenizer is the embedded SmolLM2's.
 Each size runs under torchrun with 1 and 2 gloo ranks (fresh cache), then once more with 1 rank on the warm cache
 (the rerun). Side by side, in the same run: the fast tokenizer alone on the same texts, in its plain batched call
@@ -31,9 +33,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from pool_data import add_data_option
+
 from grape_plugin import hookimpl
 
-POOL = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_eval_pool.jsonl"
 PAPER_TOKENS = 620e6  # the paper's largest pool: 1.03M pairs
 
 
@@ -142,9 +145,9 @@ def worker(pool: str, tokenizer: str, cache: str, out: str) -> None:
 
 
 # --- the driver ----------------------------------------------------------------------------------------------------
-def make_pool(n: int, path: Path) -> Path:
-    """``n`` instructions x 8 candidates: the shared pool's, then copies with distinct ids and prompt variants."""
-    rows = [json.loads(line) for line in POOL.read_text(encoding="utf-8").splitlines()]
+def make_pool(source: Path, n: int, path: Path) -> Path:
+    """``n`` instructions x 8 candidates: those of ``source``, then copies with distinct ids and prompt variants."""
+    rows = [json.loads(line) for line in source.read_text(encoding="utf-8").splitlines()]
     ids = list(dict.fromkeys(r["id"] for r in rows))
     with open(path, "w", encoding="utf-8") as fh:
         for copy in range(math.ceil(n / len(ids))):
@@ -204,6 +207,7 @@ def mib(n: float) -> str:
 def main(argv: Optional[list[str]] = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 4000], help="instructions per pool (8 candidates)")
+    add_data_option(ap)
     ap.add_argument("--quick", action="store_true", help="a smoke test: 24 and 48 instructions")
     args = ap.parse_args(argv)
     sizes = [24, 48] if args.quick else sorted(args.sizes)
@@ -212,7 +216,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         tokenizer = smollm2_tokenizer(tmp / "tokenizer")
         runs: dict[int, dict[str, Any]] = {}
         for n in sizes:
-            pool = make_pool(n, tmp / f"pool{n}.jsonl")
+            pool = make_pool(args.data, n, tmp / f"pool{n}.jsonl")
             one = launch(1, pool, tokenizer, tmp / f"cache{n}-1", tmp / f"out{n}-1")
             again = launch(1, pool, tokenizer, tmp / f"cache{n}-1", tmp / f"out{n}-1again")
             two = launch(2, pool, tokenizer, tmp / f"cache{n}-2", tmp / f"out{n}-2")

@@ -1,8 +1,11 @@
 """Scoring speed and memory, side by side in one run: the naive way, plain padded batches, and grape-plugin.
 
-    python benchmarks/bench_scoring.py [--model DIR_OR_GGUF] [--instructions 10] [--max-length 256] [--repeats 3]
+    python benchmarks/bench_scoring.py [--model DIR_OR_GGUF] [--data POOL] [--instructions 10] [--max-length 256]
+                                       [--repeats 3]
 
-Workloads (both from ../shared/data/alpaca_eval_pool.jsonl, 8 candidates per instruction):
+Workloads (both from the AlpacaEval pool, 8 candidates per instruction; --data defaults to the whole pool at
+../shared/data/alpaca_eval_pool.jsonl beside the repository when it is there, else the slice in data/; the whole
+pool is built from the AlpacaEval repository's results files, see data/README.md):
   pool    the pool as it is: short prompts, long answers (truncated to --max-length tokens);
   prefix  the same answers behind a long shared prompt (earlier turns: previous pool instructions and an answer),
           so the prompt is about 80% of each pair's tokens.
@@ -28,16 +31,15 @@ import time
 from pathlib import Path
 
 import torch
+from pool_data import add_data_option
 
 from grape_plugin.hardware import native_bf16_cpu
 from grape_plugin.models import export_model, load_model
 from grape_plugin.render import Rendered, fit_length, paper_renderer, render_one
 from grape_plugin.scoring import Score, TransformersScorer, shared_prefixes
 
-POOL = Path(__file__).resolve().parents[2] / "shared" / "data" / "alpaca_eval_pool.jsonl"
 
-
-def load_groups(n: int, pool: Path = POOL) -> list[list[dict]]:
+def load_groups(n: int, pool: Path) -> list[list[dict]]:
     groups: dict[str, list[dict]] = {}
     with open(pool, encoding="utf-8") as fh:
         for line in fh:
@@ -48,7 +50,7 @@ def load_groups(n: int, pool: Path = POOL) -> list[list[dict]]:
     return list(groups.values())
 
 
-def workloads(tokenizer, n: int, max_length: int, pool: Path = POOL) -> dict[str, list[list[Rendered]]]:
+def workloads(tokenizer, n: int, max_length: int, pool: Path) -> dict[str, list[list[Rendered]]]:
     """Rendered candidates per instruction for both workloads (``pool`` needs ``n + 3`` instructions)."""
     render = paper_renderer(tokenizer)
     groups = load_groups(n, pool)
@@ -127,7 +129,7 @@ def winners(groups: list[list[Rendered]], scores: list[Score]) -> list[int]:
 def probe_memory(args: argparse.Namespace) -> None:
     """Child process: only our scorer and its model, both workloads; prints the peak RSS in bytes."""
     loaded = load_model(args.model, device="cpu", dtype=args.probe_memory)
-    for groups in workloads(loaded.tokenizer, args.instructions, args.max_length).values():
+    for groups in workloads(loaded.tokenizer, args.instructions, args.max_length, args.data).values():
         TransformersScorer(loaded.as_spec(), batch_tokens=args.batch_tokens).score([r for g in groups for r in g])
     # VmHWM restarts at exec; ru_maxrss would carry the parent's peak over into this child
     with open("/proc/self/status") as fh:
@@ -138,13 +140,15 @@ def our_peak_rss(args: argparse.Namespace, dtype: str, batch_tokens: int) -> int
     """Peak RSS of a fresh process that loads one model and scores with grape-plugin (allocator state of the
     other methods would otherwise leak into the figure)."""
     cmd = [sys.executable, __file__, "--probe-memory", dtype, "--instructions", str(args.instructions),
-           "--max-length", str(args.max_length), "--batch-tokens", str(batch_tokens), "--model", args.model]
+           "--max-length", str(args.max_length), "--batch-tokens", str(batch_tokens), "--model", args.model,
+           "--data", str(args.data)]
     return int(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.split()[-1])
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="folder or .gguf (default: the embedded SmolLM2, exported to a folder)")
+    add_data_option(ap)
     ap.add_argument("--instructions", type=int, default=10)
     ap.add_argument("--max-length", type=int, default=256, help="pool pairs are truncated to this many tokens")
     ap.add_argument("--batch-tokens", type=int, default=4096)
@@ -165,7 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     loaded = {dtype: load_model(args.model, device="cpu", dtype=dtype) for dtype in dtypes}
     fp32 = loaded["fp32"]
     weights = sum(p.numel() * p.element_size() for p in fp32.model.parameters())
-    work = workloads(fp32.tokenizer, args.instructions, args.max_length)
+    work = workloads(fp32.tokenizer, args.instructions, args.max_length, args.data)
     print(f"model {fp32.name}: {weights / 2**30:.2f} GiB fp32 weights; torch threads {torch.get_num_threads()}")
     results = {}
     for name, groups in work.items():

