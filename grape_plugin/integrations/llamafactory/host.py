@@ -2,7 +2,7 @@
 files and a ``dataset_info.json`` out.
 
 Rows go through LLaMA-Factory's own converter (alpaca, sharegpt, openai), so a prompt is exactly what the run
-sees: ``_prompt``, ``_system``, ``_tools`` and the media, carried as the group's ``context`` and grouped through
+sees: ``_prompt``, ``_system``, ``_tools`` and the media, kept as the group's ``context`` and grouped through
 the core across entries. Candidates are one row each (pooled rows), the items of a list column, or the chosen and
 rejected answers of a ranking entry. The scoring model is the run's: LLaMA-Factory's tokenizer and template now,
 its ``load_model`` (adapters merged, the run's dtype) only when something is left to score. ``template: train``
