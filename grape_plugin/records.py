@@ -259,6 +259,20 @@ class Selection:
                 part = [(g, g.candidates[0]) for g in self.load([g.with_candidates((c,)) for g, c in part])]
             yield from part
 
+    def capped(self, limit: int, reason: Reason) -> "Selection":
+        """At most ``limit`` kept candidates from each input part, by whole instructions in the order of ``kept``: an
+        instruction that would pass the cap in a part is dropped whole, counted under ``reason``."""
+        per_group: dict[str, Counter] = {}
+        for group, cand in self.picks():
+            per_group.setdefault(group.key, Counter())[cand.part] += 1
+        rows, over = Counter(), []
+        for key, parts in per_group.items():
+            if max((rows + parts).values()) > limit:
+                over.append(key)
+            else:
+                rows += parts
+        return self.dropping(over, reason)
+
     def dropping(self, keys: Iterable[str], reason: Reason) -> "Selection":
         """The same selection without the instructions ``keys``, counted under ``reason``."""
         gone = set(keys) & set(self.kept)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "data"
@@ -86,3 +88,16 @@ def render_pair(render, prompt: list[dict], response: str):
     from grape_plugin.render import render_one
 
     return render_one(render, prompt, response)
+
+
+@contextmanager
+def registered(plugin: object, name: str) -> Iterator[None]:
+    """``plugin`` (an object with ``@hookimpl`` methods) registered for the duration of a ``with`` block."""
+    from grape_plugin.plugins import load_plugins
+
+    pm = load_plugins()
+    pm.register(plugin, name=name)
+    try:
+        yield
+    finally:
+        pm.unregister(plugin)

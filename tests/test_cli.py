@@ -10,11 +10,10 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from tests.helpers import write_jsonl
+from tests.helpers import registered, write_jsonl
 
 from grape_plugin import __version__
 from grape_plugin.cli import main
-from grape_plugin.plugins import load_plugins
 
 
 def grape(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -150,14 +149,9 @@ def test_throwaway_plugin_is_used_from_the_cli(tmp_path, tiny_model, pool_file):
             # ignores scores: keeps the longest response, to show the plugin really ran
             register("longest", Selector(lambda scores, k, key, seed: [len(scores) - 1]))
 
-    pm = load_plugins()
-    plugin = Longest()
-    pm.register(plugin, name="throwaway")
-    try:
-        out = tmp_path / "o"
+    out = tmp_path / "o"
+    with registered(Longest(), "throwaway"):
         assert main(["select", str(pool_file), "--model", str(tiny_model), "--strategy", "longest", "-o", str(out), "--no-cache"]) == 0
-    finally:
-        pm.unregister(plugin)
     scores = read_jsonl(out / "scores.jsonl")
     for group in {s["group"] for s in scores}:
         cands = [s for s in scores if s["group"] == group]

@@ -7,7 +7,7 @@ import copy
 
 import pytest
 
-from tests.helpers import ROOT, write_jsonl
+from tests.helpers import ROOT, registered, write_jsonl
 
 from grape_plugin import GrapeConfig, read, run, run_groups
 from grape_plugin.cli import parser
@@ -114,7 +114,6 @@ def test_a_scorer_without_the_optional_members_runs(pool_file, tiny_model, tmp_p
     from transformers import AutoTokenizer
 
     from grape_plugin import Score, hookimpl
-    from grape_plugin.plugins import load_plugins
 
     class Bare:
         def __init__(self, cfg):
@@ -128,19 +127,14 @@ def test_a_scorer_without_the_optional_members_runs(pool_file, tiny_model, tmp_p
         def grape_register_scorers(self, register):
             register("bare", Bare)
 
-    pm, plugin = load_plugins(), Plugin()
-    pm.register(plugin, name="bare-scorer")
-    try:
+    with registered(Plugin(), "bare-scorer"):
         data, selection = run(pool_file, GrapeConfig(scorer="bare", cache_dir=None))
-    finally:
-        pm.unregister(plugin)
     assert all(s.mean == -1.0 for s in selection.scores.values()) and len(selection.kept) == len(data.groups)
     assert selection.stats.model_loaded is None and selection.made_by["model"]["identity"] == "bare"
 
 
 def test_a_plugin_missing_a_required_member_is_one_clear_line():
     from grape_plugin import Components, GrapeError, hookimpl
-    from grape_plugin.plugins import load_plugins
 
     class NoScore:
         def __init__(self, cfg):
@@ -151,10 +145,6 @@ def test_a_plugin_missing_a_required_member_is_one_clear_line():
         def grape_register_scorers(self, register):
             register("noscore", NoScore)
 
-    pm, plugin = load_plugins(), Plugin()
-    pm.register(plugin, name="noscore-scorer")
-    try:
-        with pytest.raises(GrapeError, match="plugin 'noscore': NoScore has no 'score', which the Scorer protocol"):
-            Components.of(GrapeConfig(scorer="noscore", cache_dir=None)).make_scorer()
-    finally:
-        pm.unregister(plugin)
+    with registered(Plugin(), "noscore-scorer"), pytest.raises(GrapeError, match="plugin 'noscore': NoScore has "
+                                                                "no 'score', which the Scorer protocol"):  # fmt: skip
+        Components.of(GrapeConfig(scorer="noscore", cache_dir=None)).make_scorer()

@@ -15,7 +15,6 @@ import copy
 import json
 import os
 import sys
-from collections import Counter
 from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
@@ -258,18 +257,7 @@ class LlamaFactoryHost(BaseHost):
         if truncated:
             selection = replace(selection, stats=replace(selection.stats, truncated=selection.stats.truncated + truncated))
         limit = self.data_args.max_samples
-        if limit is None:
-            return selection
-        per_group: dict[str, Counter] = {}
-        for group, cand in selection.picks():
-            per_group.setdefault(group.key, Counter())[cand.part] += 1
-        rows, over = Counter(), []
-        for key, parts in per_group.items():
-            if max((rows + parts).values()) > limit:
-                over.append(key)
-            else:
-                rows += parts
-        return selection.dropping(over, Reason.OVER_MAX_SAMPLES)
+        return selection if limit is None else selection.capped(limit, Reason.OVER_MAX_SAMPLES)
 
     def folder(self, key: str) -> Path:
         return Path(self.cfg.cache_dir or default_cache_dir()) / "llamafactory" / key
