@@ -92,8 +92,12 @@ class Components:
         """Resolve every plugin ``cfg`` names (``host_template``: the host renders ``template: train`` itself), and
         refuse a metric that needs per-token values the run will not keep."""
         formats = {name: conform(f, FORMAT, name) for name, f in plugins.registry("formats").items()}
+        templates = plugins.registry("renderers")
         own = host_template and cfg.template == HOST_TEMPLATE
-        template = None if own else pick("renderers", cfg.template)
+        if not own and cfg.template not in templates:
+            known = (HOST_TEMPLATE,) * host_template + tuple(templates)
+            raise GrapeError(f"template '{cfg.template}' is not one of {', '.join(known)}")
+        template = None if own else templates[cfg.template]
         metric = conform(pick("metrics", cfg.metric), METRIC, cfg.metric)
         if metric.needs and not cfg.keep_token_scores:
             raise GrapeError(f"metric '{cfg.metric}' needs per-token {' and '.join(metric.needs)}: "

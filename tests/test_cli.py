@@ -107,7 +107,7 @@ def test_config_file_and_unknown_keys(tmp_path, tiny_model, pool_file, fails):
     [
         (["--model", "/nonexistent/model"], "--model /nonexistent/model: no such file or folder"),
         (["--model", "EMPTY"], "the folder has no config.json; expected a transformers model folder"),
-        (["--template", "nope"], "no renderer named 'nope'; registered: paper, chat"),
+        (["--template", "nope"], "template 'nope' is not one of paper, chat"),
     ],
 )
 def test_cli_errors_are_one_clear_line(pool_file, tiny_model, args, message, tmp_path, fails):
