@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence, TypeVar
 
-from .records import Drops, Group, Share
+from .records import Drops, Group, Results, Share
 
 T = TypeVar("T")
 
@@ -77,13 +77,13 @@ def barrier() -> None:
 
 
 def gather(share: Share, groups: Sequence[Group]) -> Share:
-    """Every rank's share, on every rank: outcomes, scores and fits (no texts, no token ids); ``groups`` are all
-    the run's instructions, in input order."""
+    """Every rank's share, on every rank: outcomes and results (no texts, no token ids); ``groups`` are all the
+    run's instructions, in input order."""
     if rank_world()[1] == 1:
         return share
     parts = all_gather([(share.drops, share.counts, {g.key: [c.index for c in g.candidates] for g in share.groups},
-                         list(share.scores.items()), list(share.fits.items()))])  # fmt: skip
-    survivors = {k: set(v) for _, _, alive, _, _ in parts for k, v in alive.items()}
+                         share.results)])  # fmt: skip
+    survivors = {k: set(v) for _, _, alive, _ in parts for k, v in alive.items()}
     kept = [g.with_candidates(c for c in g.candidates if c.index in survivors[g.key]) for g in groups if g.key in survivors]
-    return Share(kept, {w: s for p in parts for w, s in p[3]}, {w: f for p in parts for w, f in p[4]},
-                 sum((p[0] for p in parts), Drops()), *map(sum, zip(*(p[1] for p in parts))))  # fmt: skip
+    return Share(kept, sum((p[3] for p in parts), Results()), sum((p[0] for p in parts), Drops()),
+                 *map(sum, zip(*(p[1] for p in parts))))  # fmt: skip

@@ -15,7 +15,7 @@ def score_rows(selection: Selection) -> Iterator[dict[str, Any]]:
     for g in selection.groups:
         kept = set(selection.kept.get(g.key, ()))
         for c in g.candidates:
-            s = selection.scores.get((g.key, c.index))
+            s = selection.results.score((g.key, c.index))
             yield {
                 "group": g.key,
                 "index": c.index,
@@ -23,7 +23,7 @@ def score_rows(selection: Selection) -> Iterator[dict[str, Any]]:
                 "row": c.row,
                 "source": c.source,
                 "score": None if s is None else s.mean,
-                "fit": selection.fits.get((g.key, c.index)),
+                "fit": selection.results.fit_of((g.key, c.index)),
                 "logprob_sum": None if s is None else s.logprob_sum,
                 "n_tokens": None if s is None else s.n_tokens,
                 "selected": c.index in kept,

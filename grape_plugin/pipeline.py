@@ -14,7 +14,7 @@ from .cache import Entry, ScoreCache, cached_entries, item_key, kept_part, open_
 from .components import Components
 from .config import GrapeConfig
 from .distributed import agreed, gather, rank_world, shard
-from .records import Drops, Group, Grouped, Loader, Reason, Score, Selection, Share, Stats
+from .records import Drops, Group, Grouped, Loader, Reason, Results, Score, Selection, Share, Stats
 from .render import Rendered, RenderedKey, Renderer, group_chunks, render_groups
 from .scoring import Scorer
 from .selection import choose, needs_scores
@@ -146,10 +146,9 @@ def score(here: Resolved, run: RunContext, bar: Any) -> Share:
         if cache:
             cache.put_many((here.keys[w], Entry(s, len(items[w].input_ids), w in here.cut)) for w, s in zip(chunk, got))
     scores = {**found, **fresh}
-    return Share(
-        list(here.groups), {w: s if run.keep_arrays else s.without_tokens() for w, s in scores.items()},
-        {w: fit(s) for w, s in scores.items()}, here.drops, len(here.cut), len(todo), len(found), size(todo),
-        size((g.key, c.index) for g in here.groups for c in g.candidates))  # fmt: skip
+    results = Results.of((w, s if run.keep_arrays else s.without_tokens(), fit(s)) for w, s in scores.items())
+    return Share(list(here.groups), results, here.drops, len(here.cut), len(todo), len(found), size(todo),
+                 size((g.key, c.index) for g in here.groups for c in g.candidates))  # fmt: skip
 
 
 def score_share(groups: Sequence[Group], load: Loader, run: RunContext) -> Share:
@@ -159,7 +158,7 @@ def score_share(groups: Sequence[Group], load: Loader, run: RunContext) -> Share
 
     from .datafiles import release_memory
 
-    kept, scores, fits, drops, tally = [], {}, {}, Drops(), [0] * 5
+    kept, results, drops, tally = [], Results(), Drops(), [0] * 5
     # disable=None: tqdm shows the bar only on a terminal, so logs get none
     with tqdm(total=0, unit="tok", desc="scoring", disable=True if rank_world()[0] else None) as bar:
         for chunk in group_chunks(groups, SHARE_CHUNK):
@@ -168,13 +167,12 @@ def score_share(groups: Sequence[Group], load: Loader, run: RunContext) -> Share
             part = score(here, run, bar)
             run.clock.lap("score")
             kept += part.groups
-            scores.update(part.scores)
-            fits.update(part.fits)
+            results += part.results
             drops += part.drops
             tally = [a + b for a, b in zip(tally, part.counts)]
             if here.items:
                 release_memory()  # the chunk's texts and token ids
-    return Share(kept, scores, fits, drops, *tally)
+    return Share(kept, results, drops, *tally)
 
 
 def text_size(group: Group) -> int:
@@ -238,7 +236,7 @@ def run_groups(
         if own_scorer:
             scorer.close()
     clock.lap("gather")
-    kept, not_kept = choose(everything.groups, everything.fits, parts.selector, cfg)
+    kept, not_kept = choose(everything.groups, everything.results.fits, parts.selector, cfg)
     clock.lap("select")
     stats = Stats(
         instructions=len(grouped.groups) + grouped.drops.n_instructions,
@@ -254,5 +252,5 @@ def run_groups(
         seconds=round(time.perf_counter() - started, 2),
         stages=clock.laps,
     )
-    return Selection(tuple(everything.groups), everything.scores, kept, grouped.drops + everything.drops + not_kept,
-                     stats, grouped.skipped, cfg.metric, everything.fits, grouped.load, made_by(parts, scorer))  # fmt: skip
+    return Selection(tuple(everything.groups), everything.results, kept, grouped.drops + everything.drops + not_kept,
+                     stats, grouped.skipped, cfg.metric, grouped.load, made_by(parts, scorer))  # fmt: skip

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+from array import array
 from collections import Counter
 from dataclasses import dataclass, field, fields, replace
 from enum import Enum
+from functools import cached_property
 from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Optional, Sequence
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
@@ -187,14 +189,71 @@ class Grouped:
     load: Loader = tuple  # groups that already hold their texts need no loading
 
 
+CandidateKey = tuple[str, int]  # (group key, candidate index)
+
+
+@dataclass(frozen=True)
+class Results:
+    """Every scored candidate of a run in one columnar table: row ``i`` is candidate ``(group[i], index[i])``, its
+    score (``logprob_sum`` over ``n_tokens``; the per-token arrays when kept) and its ``fit`` under the run's
+    metric. Compact (a few numbers per candidate, picklable as a handful of arrays to gather across ranks) and
+    read through ``score(key)`` / ``fit_of(key)``, or ``scores`` / ``fits`` as mappings."""
+
+    group: tuple[str, ...] = ()
+    index: array = field(default_factory=lambda: array("i"))
+    logprob_sum: array = field(default_factory=lambda: array("d"))
+    n_tokens: array = field(default_factory=lambda: array("i"))
+    fit: array = field(default_factory=lambda: array("d"))
+    token_logprobs: tuple[Optional[bytes], ...] = ()
+    token_ranks: tuple[Optional[bytes], ...] = ()
+
+    @classmethod
+    def of(cls, rows: Iterable[tuple[CandidateKey, Score, float]]) -> "Results":
+        """A table from (candidate, score, fit) rows."""
+        rows = list(rows)
+        return cls(tuple(k[0] for k, _, _ in rows), array("i", (k[1] for k, _, _ in rows)),
+                   array("d", (s.logprob_sum for _, s, _ in rows)), array("i", (s.n_tokens for _, s, _ in rows)),
+                   array("d", (f for _, _, f in rows)), tuple(s.token_logprobs for _, s, _ in rows),
+                   tuple(s.token_ranks for _, s, _ in rows))  # fmt: skip
+
+    def __add__(self, other: "Results") -> "Results":
+        return Results(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    def __len__(self) -> int:
+        return len(self.group)
+
+    def keys(self) -> Iterator[CandidateKey]:
+        return zip(self.group, self.index)
+
+    def rows(self) -> Iterator[tuple[CandidateKey, Score, float]]:
+        """(candidate, score, fit) per row."""
+        for i, key in enumerate(self.keys()):
+            yield key, Score(self.logprob_sum[i], self.n_tokens[i], self.token_logprobs[i], self.token_ranks[i]), self.fit[i]
+
+    @cached_property
+    def scores(self) -> dict[CandidateKey, Score]:
+        """Each scored candidate's score, by candidate."""
+        return {key: score for key, score, _ in self.rows()}
+
+    @cached_property
+    def fits(self) -> dict[CandidateKey, float]:
+        """Each scored candidate's fit, by candidate."""
+        return dict(zip(self.keys(), self.fit))
+
+    def score(self, key: CandidateKey) -> Optional[Score]:
+        return self.scores.get(key)
+
+    def fit_of(self, key: CandidateKey) -> Optional[float]:
+        return self.fits.get(key)
+
+
 @dataclass(frozen=True)
 class Share:
-    """What one rank did for its instructions: the survivors of ``max_length`` (outlines), each scored candidate's
-    score and fit, what rendering dropped, and counts."""
+    """What one rank did for its instructions: the survivors of ``max_length`` (outlines), the results of the scored
+    candidates, what rendering dropped, and counts."""
 
     groups: list[Group] = field(default_factory=list)
-    scores: dict[tuple[str, int], Score] = field(default_factory=dict)
-    fits: dict[tuple[str, int], float] = field(default_factory=dict)
+    results: Results = Results()
     drops: Drops = Drops()
     truncated: int = 0
     scored: int = 0  # candidates scored by this rank in this run
@@ -234,15 +293,22 @@ class Selection:
     """Scores, kept candidates and the ledger of one run. ``groups`` are as scored (too-long candidates gone)."""
 
     groups: tuple[Group, ...]
-    scores: Mapping[tuple[str, int], Score]
+    results: Results  # every scored candidate's score and fit under ``metric``
     kept: Mapping[str, tuple[int, ...]]  # group key -> kept candidate indices, best first
     drops: Drops = Drops()
     stats: Stats = field(default_factory=Stats)
     skipped: tuple[str, ...] = ()  # the first skipped rows' messages
     metric: str = "mean"  # what candidates were compared by
-    fits: Mapping[tuple[str, int], float] = field(default_factory=dict)  # each scored candidate's value of it
     load: Loader = tuple  # the texts of outlines (``Grouped.load``)
     made_by: Mapping[str, Any] = field(default_factory=dict)  # grape-plugin's version, the model, template, options
+
+    @property
+    def scores(self) -> Mapping[CandidateKey, Score]:
+        return self.results.scores
+
+    @property
+    def fits(self) -> Mapping[CandidateKey, float]:
+        return self.results.fits
 
     def picks(self) -> list[tuple[Group, Candidate]]:
         """Every kept (group, candidate), in the order of ``kept`` (outlines: no texts)."""

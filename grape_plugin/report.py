@@ -139,7 +139,7 @@ def preview_text(selection: Selection, width: int = 100) -> str:
         kept = selection.kept.get(g.key, [])
         lines.append(f"\n[{g.key}] {clip(g.prompt[-1]['content'], width - len(g.key) - 3)}")
         for c in g.candidates:
-            s = selection.scores.get((g.key, c.index))
+            s = selection.results.score((g.key, c.index))
             mark = "*" if c.index in kept else " "
             score = f"{s.mean:8.4f} {s.n_tokens:6d}" if s else "       -      -"
             lines.append(f"  {mark} {clip(c.source or '-', 30):30s} {score}  {clip(c.response, width - 50)}")

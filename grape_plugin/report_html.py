@@ -314,12 +314,7 @@ def table_html(selection: Selection) -> str:
     """Instructions with their best candidates by the run's metric, best first, kept ones marked; a search box
     filters them."""
     e = html.escape
-    bodies = []
-
-    def fit(key: tuple[str, int]) -> Optional[float]:
-        score = selection.scores.get(key)
-        return selection.fits.get(key, None if score is None else score.mean)
-
+    bodies, fit = [], selection.results.fit_of
     for g in selection.load(selection.groups[:TABLE_INSTRUCTIONS]):
         kept = selection.kept.get(g.key)
         earlier = f" (+{len(g.prompt) - 1} earlier messages)" if len(g.prompt) > 1 else ""
@@ -329,7 +324,7 @@ def table_html(selection: Selection) -> str:
         ranked = sorted(g.candidates, key=lambda c: -f if (f := fit((g.key, c.index))) is not None else float("inf"))
         shown = [c for n, c in enumerate(ranked) if n < TABLE_CANDIDATES or (kept is not None and c.index in kept)]
         for c in shown:
-            s, value = selection.scores.get((g.key, c.index)), fit((g.key, c.index))
+            s, value = selection.results.score((g.key, c.index)), fit((g.key, c.index))
             won = kept is not None and c.index in kept
             long = " long" if len(c.response) > 300 or c.response.count("\n") > 4 else ""
             rows.append(

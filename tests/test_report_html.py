@@ -18,7 +18,7 @@ import pytest
 from tests.helpers import pool_rows
 
 from grape_plugin import report_html
-from grape_plugin.records import Candidate, Drops, Group, Score, Selection, Stats
+from grape_plugin.records import Candidate, Drops, Group, Results, Score, Selection, Stats
 from grape_plugin.cli import main
 
 CHROMIUM = shutil.which("chromium")
@@ -115,7 +115,8 @@ def hand_selection(n_groups: int) -> Selection:
         cands = [Candidate(f'<img src=x onerror="alert({i})"> answer {j}', f"<b>src{j}</b>", 2 * i + j, j) for j in range(2)]
         groups.append(Group(f"g{i}", ({"role": "user", "content": f"<script>alert({i})</script> & co"},), tuple(cands)))
         scores.update({(f"g{i}", j): Score(-1.0 - j - i / 10, 10 + j) for j in range(2)})
-    return Selection(tuple(groups), scores, {g.key: (0,) for g in groups}, Drops(), Stats(n_groups, 2 * n_groups))
+    results = Results.of((k, s, s.mean) for k, s in scores.items())
+    return Selection(tuple(groups), results, {g.key: (0,) for g in groups}, Drops(), Stats(n_groups, 2 * n_groups))
 
 
 def test_user_text_is_escaped_and_the_table_capped(monkeypatch):
@@ -130,7 +131,9 @@ def test_user_text_is_escaped_and_the_table_capped(monkeypatch):
 def test_the_table_ranks_and_shows_the_runs_metric():
     from dataclasses import replace
 
-    by_sum = replace(hand_selection(1), metric="sum", kept={"g0": (1,)}, fits={("g0", 0): -11.0, ("g0", 1): -5.0})
+    plain = hand_selection(1)
+    sums = Results.of((key, score, {0: -11.0, 1: -5.0}[key[1]]) for key, score, _ in plain.results.rows())
+    by_sum = replace(plain, metric="sum", kept={"g0": (1,)}, results=sums)
     table = report_html.table_html(by_sum)
     assert "<th>sum</th>" in table and table.index("-5.0000") < table.index("-11.0000")  # the kept one first
     assert "<th>score</th>" in report_html.table_html(hand_selection(1))
@@ -187,7 +190,8 @@ def many_candidates(n_groups: int, per_group: int) -> Selection:
         scores.update({(f"g{i}", j): Score(-(1 + j / per_group + i % 97 / 100) * (10 + j % 300), 10 + j % 300)
                        for j in range(per_group)})  # fmt: skip
     kept = {g.key: (per_group - 1,) for g in groups}
-    return Selection(tuple(groups), scores, kept, Drops(), Stats(n_groups, n_groups * per_group))
+    results = Results.of((k, s, s.mean) for k, s in scores.items())
+    return Selection(tuple(groups), results, kept, Drops(), Stats(n_groups, n_groups * per_group))
 
 
 def test_the_page_stays_bounded_however_many_candidates():
