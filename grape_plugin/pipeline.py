@@ -63,7 +63,7 @@ def read(path: str | Path, cfg: GrapeConfig, limit: Optional[int] = None) -> Fil
     path = Path(path)
     dataset = read_dataset(path, cfg.split)
     ctx = Context(str(path), list(dataset.column_names), cfg)
-    fmt = detect_format(ctx, registry("formats"))
+    fmt = detect_format(ctx, registry("formats"), dataset)
     inputs = [Input(dataset, fmt, ctx)]
     key = outline_key(dataset._fingerprint, fmt.name, cfg, limit)
     grouped = remembered(cfg.cache_dir, key, lambda: group_rows(inputs, cfg.min_candidates, limit))
@@ -357,7 +357,7 @@ def run_groups(
         stages=clock.laps,
     )
     return Selection(tuple(everything.groups), everything.scores, kept, grouped.drops + everything.drops + not_kept,
-                     stats, grouped.skipped, cfg.metric, everything.fits, grouped.load)  # fmt: skip
+                     stats, grouped.skipped, cfg.metric, everything.fits, grouped.load, grouped.reading)  # fmt: skip
 
 
 def run(path: str | Path, cfg: GrapeConfig, limit: Optional[int] = None, **kwargs: Any) -> tuple[FileInput, Selection]:

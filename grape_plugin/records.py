@@ -169,6 +169,7 @@ class Grouped:
     drops: Drops = Drops()
     skipped: tuple[str, ...] = ()  # the first skipped rows' messages
     load: Loader = tuple  # groups that already hold their texts need no loading
+    reading: tuple[str, ...] = ()  # per input: its shape and the columns read
 
 
 @dataclass(frozen=True)
@@ -205,6 +206,7 @@ class Selection:
     metric: str = "mean"  # what candidates were compared by
     fits: Mapping[tuple[str, int], float] = field(default_factory=dict)  # each scored candidate's value of it
     load: Loader = tuple  # the texts of outlines (``Grouped.load``)
+    reading: tuple[str, ...] = ()  # per input: its shape and the columns read (``Grouped.reading``)
 
     def picks(self) -> list[tuple[Group, Candidate]]:
         """Every kept (group, candidate), in the order of ``kept`` (outlines: no texts)."""
