@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 import sys
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequence
 
 from .config import GrapeConfig
@@ -70,6 +70,13 @@ class Context:
     columns: list[str]
     cfg: GrapeConfig
     state: Any = None
+    memo: dict = field(default_factory=dict, repr=False, compare=False)  # what depends on the columns only
+
+    def cached(self, key: Any, make: Callable[[], Any]) -> Any:
+        """``make()``, made once per context: a column lookup is the same for every row."""
+        if key not in self.memo:
+            self.memo[key] = make()
+        return self.memo[key]
 
     def first(self, names: tuple[str, ...], override: Optional[str] = None, option: str = "") -> Optional[str]:
         """The column the user named (with ``option``), else the first of ``names`` present in the data."""
@@ -83,10 +90,11 @@ class Context:
     def column(self, option: str, names: tuple[str, ...] = ()) -> Optional[str]:
         """The column named with ``option`` (a ``GrapeConfig`` field) when the data has it, else the first of
         ``names`` present; None when the option names a missing column (``Format.check`` says so)."""
-        named = getattr(self.cfg, option)
-        if named is not None:
-            return named if named in self.columns else None
-        return self.first(names)
+        if (option, names) not in self.memo:
+            named = getattr(self.cfg, option)
+            found = self.first(names) if named is None else named if named in self.columns else None
+            self.memo[(option, names)] = found
+        return self.memo[(option, names)]
 
     def text(self, row: dict, i: int, field: str, optional: bool = False) -> str:
         """A non-empty string field, or a clear error naming file, row and field."""
@@ -461,6 +469,10 @@ class Slots(Format):
     every_slot = True  # whether a row must fill every slot (a missing one is an error, else it is not a candidate)
 
     def slots(self, ctx: Context) -> list[str]:
+        """The candidates' columns, in order."""
+        return ctx.cached((self.name, "slots"), lambda: self.find_slots(ctx))
+
+    def find_slots(self, ctx: Context) -> list[str]:
         raise NotImplementedError
 
     def detect(self, ctx: Context) -> bool:
@@ -472,6 +484,10 @@ class Slots(Format):
         return match[2] if match else col
 
     def source_columns(self, ctx: Context) -> list[Optional[str]]:
+        """Each slot's source column (see ``find_source_columns``)."""
+        return ctx.cached((self.name, "sources"), lambda: self.find_source_columns(ctx))
+
+    def find_source_columns(self, ctx: Context) -> list[Optional[str]]:
         """Each slot's source column: found by name, or mapped from the one named with --source-column (naming the
         first slot's, e.g. ``model_a``, names ``model_b`` too); a plain column names every slot's source."""
         slots, named = self.slots(ctx), ctx.cfg.source_column
@@ -550,7 +566,7 @@ class Preference(Slots):
     name = "preference"
     needs = "chosen and rejected columns"
 
-    def slots(self, ctx: Context) -> list[str]:
+    def find_slots(self, ctx: Context) -> list[str]:
         return list(PAIR) if all(c in ctx.columns for c in PAIR) else []
 
 
@@ -563,7 +579,7 @@ class Wide(Slots):
     needs = "two or more answer columns such as response_0, response_1 or human_ref_A, human_ref_B"
     every_slot = False
 
-    def slots(self, ctx: Context) -> list[str]:
+    def find_slots(self, ctx: Context) -> list[str]:
         stems: dict[str, list[str]] = {}
         for col in ctx.columns:
             if (match := SLOT.match(col)) is not None:
