@@ -22,13 +22,14 @@ from .records import Candidate, Drops, Group, Grouped
 READING = ("format", "split", "group_by", "on_bad_row", "source_column", "response_column", "candidates_column",
            "prompt_column", "context_column", "system_column", "min_candidates")  # fmt: skip
 CANDIDATE = ("source", "row", "index", "part", "item", "digest", "chars")  # an outline's fields
+READER = 2  # bump when the same rows and options group differently (2: context and history group)
 
 
 def outline_key(fingerprint: str, format_name: str, cfg: GrapeConfig, limit: Optional[int]) -> str:
     from .version import __version__
 
     options = {name: getattr(cfg, name) for name in READING}
-    text = json.dumps([__version__, fingerprint, format_name, options, limit], sort_keys=True, default=str)
+    text = json.dumps([__version__, READER, fingerprint, format_name, options, limit], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
