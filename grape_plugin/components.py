@@ -33,7 +33,9 @@ SCORER = Protocol("Scorer", ("tokenizer", "identity", "score"),
                   {"context_length": None, "loaded": None, "about": {}, "close": lambda: None})  # fmt: skip
 RENDERER = Protocol("Renderer", ("__call__",), {"key": None, "render_many": None})
 FORMAT = Protocol("Format", ("name", "detect", "read_row", "selected"),
-                  {"needs": "its columns", "selected_reads_texts": True})  # fmt: skip
+                  {"needs": "its columns", "selected_reads_texts": True, "options": frozenset({"source_column"}),
+                   "field_options": frozenset(), "prepared": lambda rows, ctx: ctx, "check": lambda ctx, sample: None,
+                   "reading": lambda ctx: {}})  # fmt: skip
 SELECTOR = Protocol("Selector", ("pick",), {"budget_sign": 1})
 METRIC = Protocol("Metric", ("fit",), {"needs": ()})
 

@@ -50,15 +50,24 @@ class GrapeConfig(BaseModel):
     budget_fraction: Optional[float] = Field(None, gt=0, le=1, description="keep this fraction of instructions")
     min_candidates: int = Field(1, ge=1, description="drop instructions with fewer distinct responses")
     # reading
-    format: str = Field("auto", description="input shape: auto, long, list, messages, preference, or a registered one")
+    format: str = Field("auto", description="input shape: auto, long, list, messages, preference, wide, tree, or a "
+                                            "registered one")
     split: Optional[str] = Field(None, description="split of a saved dataset folder or DatasetDict (default: train)")
     group_by: str = Field("auto", description="what makes an instruction: auto (an id column whose ids repeat, else "
                                               "the prompt), prompt, or a column name")
     on_bad_row: Literal["error", "skip"] = Field("error", description="a row that cannot be read stops the run, or "
                                                                       "is skipped and counted")
-    source_column: Optional[str] = Field(None, description="column naming each response's source")
-    response_column: Optional[str] = Field(None, description="column with the response in long rows")
+    source_column: Optional[str] = Field(None, description="column naming each response's source (or a list of "
+                                                           "them, or a field of candidate objects)")
+    response_column: Optional[str] = Field(None, description="column with the response in long rows (or the "
+                                                             "field of candidate objects that holds it)")
     candidates_column: Optional[str] = Field(None, description="column with a list of candidate responses")
+    prompt_column: Optional[str] = Field(None, description="column with the instruction (a string, a transcript or "
+                                                           "a list of messages)")
+    context_column: Optional[str] = Field(None, description="column whose text joins the instruction (default: "
+                                                            "input or context)")
+    system_column: Optional[str] = Field(None, description="column with the system prompt (default: system or "
+                                                           "system_prompt)")
     # cache
     cache_dir: Optional[Path] = Field(default_factory=default_cache_dir, description="where scores persist")
 

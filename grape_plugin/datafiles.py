@@ -1,19 +1,60 @@
-"""Read JSON, JSONL, Parquet, CSV and saved HF datasets through ``datasets``; write selections back.
+"""Read JSON, JSONL, Parquet, CSV (JSON and CSV also compressed) and saved HF datasets through ``datasets``; write
+selections back.
 
 Errors name the file and the row: when ``datasets`` cannot parse a JSON file, the file is re-read line by
-line to find the first bad row.
+line to find the first bad row. A .json file that is one object holding its records under a key is read from that
+key when it is the object's only list.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import IO, Any, Callable, Optional
 
 from .errors import GrapeError, input_error
 
 BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".xz": "lzma", ".zst": "zstandard"}  # suffix: the module reading it
+
+
+def file_kind(path: Path) -> tuple[str, Optional[str]]:
+    """(the suffix of the data, the compression suffix) of a data file: ``x.jsonl.gz`` is (``.jsonl``, ``.gz``)."""
+    suffixes = [s.lower() for s in path.suffixes] or [""]
+    compression = suffixes[-1] if suffixes[-1] in COMPRESSIONS else None
+    return (suffixes[-2] if compression and len(suffixes) > 1 else "" if compression else suffixes[-1]), compression
+
+
+def builder_of(path: Path) -> Optional[str]:
+    """The ``datasets`` builder that reads a data file (Parquet is never read compressed)."""
+    suffix, compression = file_kind(path)
+    return None if compression and suffix == ".parquet" else BUILDERS.get(suffix)
+
+
+def open_text(path: Path) -> IO[str]:
+    """A data file's text, decompressed."""
+    compression = file_kind(path)[1]
+    if compression is None:
+        return open(path, encoding="utf-8")
+    if compression == ".zst":
+        import io
+
+        import zstandard
+
+        return io.TextIOWrapper(zstandard.ZstdDecompressor().stream_reader(open(path, "rb")), encoding="utf-8")
+    return importlib.import_module(COMPRESSIONS[compression]).open(path, "rt", encoding="utf-8")
+
+
+def records_key(value: Any) -> Optional[str]:
+    """The key of a JSON document's records: its only list, when that holds objects that are not chat turns (a
+    lone row of messages is a row)."""
+    lists = [k for k, v in value.items() if isinstance(v, list)] if isinstance(value, dict) else []
+    records = value[lists[0]] if len(lists) == 1 else None
+    if not records or not all(isinstance(r, dict) and not {"role", "from"} & r.keys() for r in records):
+        return None
+    return lists[0]
 
 
 def read_dataset(path: str | Path, split: Optional[str] = None) -> Any:
@@ -31,21 +72,36 @@ def read_dataset(path: str | Path, split: Optional[str] = None) -> Any:
         return pick_split(data, split, str(path))
     if split not in (None, "train"):
         raise GrapeError(f"{path}: --split {split}: a data file has one split, train; split names a saved dataset's")
-    builder = BUILDERS.get(path.suffix.lower())
+    builder, (suffix, compression) = builder_of(path), file_kind(path)
     if builder is None:
-        raise GrapeError(f"{path}: unsupported file type; expected {', '.join(BUILDERS)} or a saved dataset folder")
+        raise GrapeError(f"{path}: unsupported file type; expected {', '.join(BUILDERS)} (JSON and CSV also as "
+                         f"{', '.join(COMPRESSIONS)}) or a saved dataset folder")  # fmt: skip
+    if compression == ".zst" and importlib.util.find_spec("zstandard") is None:
+        raise GrapeError(f"{path}: reading .zst files needs the zstandard package: pip install zstandard")
     if path.stat().st_size == 0:
         raise GrapeError(f"{path}: the file is empty")
-    try:
-        data = datasets.load_dataset(builder, data_files=str(path), split="train")
-    except Exception as exc:  # datasets raises many types; find the row ourselves where we can
-        if builder == "json":
-            find_bad_json(path)
-        raise GrapeError(f"{path}: cannot read it: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    data = load_file(path, builder)
+    if suffix == ".json" and len(data) == 1 and (key := records_key(data[0])) is not None:
+        data = load_file(path, builder, field=key)  # {"version": ..., "data": [...]}: the records
     if len(data) == 0:
         raise GrapeError(f"{path}: the file has no rows")
     release_memory()  # converting the file to Arrow freed about as much as the file: give it back
     return data
+
+
+def load_file(path: Path, builder: str, field: Optional[str] = None) -> Any:
+    """One data file as a ``datasets.Dataset`` (``field``: the key of a JSON object's records)."""
+    import datasets
+
+    try:
+        options = {"field": field} if field else {}
+        return datasets.load_dataset(builder, data_files=str(path), split="train", **options)
+    except Exception as exc:  # datasets raises many types; find the row ourselves where we can
+        if builder == "json":
+            key = find_bad_json(path, field)
+            if key is not None:
+                return load_file(path, builder, field=key)
+        raise GrapeError(f"{path}: cannot read it: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
 
 
 def release_memory() -> None:
@@ -82,14 +138,29 @@ def pick_split(data: Any, split: Optional[str], where: str, option: str = "--spl
     return data[name]
 
 
-def find_bad_json(path: Path) -> None:
-    """Raise an error naming the first row that is not a JSON object, or whose field types disagree."""
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError as exc:
+def find_bad_json(path: Path, field: Optional[str] = None) -> Optional[str]:
+    """Raise an error naming the first row that is not a JSON object, or whose field types disagree. A file that is
+    one JSON object holds its rows under ``field``, else under its only list of objects: that key is returned when
+    ``field`` is not given (an object with several such lists is an error naming them)."""
+    with open_text(path) as fh:
+        text = fh.read()
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError as exc:
+        if text.lstrip().startswith("["):
             raise GrapeError(f"{path}: line {exc.lineno}: not valid JSON: {exc.msg}") from None
+        whole = None  # JSON lines
+    if isinstance(whole, dict):
+        key = field or (records_key(whole) if file_kind(path)[0] == ".json" else None)
+        if key is not None and field is None:
+            return key
+        lists = [k for k, v in whole.items() if isinstance(v, list) and v and all(isinstance(r, dict) for r in v)]
+        if key is None and len(lists) > 1:
+            raise GrapeError(f"{path}: one JSON object with lists of records under {', '.join(lists)}; records are "
+                             "read from a key only when it is the object's only list: keep one list per file")
+        rows = whole[key] if key is not None else [whole]
+    elif isinstance(whole, list):
+        rows = whole
     else:
         rows = []
         for n, line in enumerate(text.splitlines()):
@@ -103,11 +174,12 @@ def find_bad_json(path: Path) -> None:
     for i, row in enumerate(rows):
         if not isinstance(row, dict):
             raise input_error(str(path), i, None, f"expected a JSON object, got {type(row).__name__}")
-        for key, value in row.items():
+        for name, value in row.items():
             kind = type(value).__name__
-            if value is not None and types.setdefault(key, (kind, i))[0] != kind:
-                first, at = types[key]
-                raise input_error(str(path), i, key, f"is a {kind}, but row {at + 1} has a {first}")
+            if value is not None and types.setdefault(name, (kind, i))[0] != kind:
+                first, at = types[name]
+                raise input_error(str(path), i, name, f"is a {kind}, but row {at + 1} has a {first}")
+    return None
 
 
 def safe_filename(name: str, suffix: str = "") -> str:
@@ -145,15 +217,15 @@ def publish_folder(folder: Path, fill: Callable[[Path], None]) -> None:
 
 
 def write_dataset(data: Any, out_dir: Path, stem: str, like: Path) -> Path:
-    """Write ``data`` into ``out_dir`` in the same kind of file as ``like`` (JSONL for JSON input)."""
-    suffix = like.suffix.lower() if like.is_file() else ""
-    if suffix == ".parquet":
+    """Write ``data`` into ``out_dir`` in the same kind of file as ``like`` (JSONL for JSON input), uncompressed."""
+    builder = builder_of(like) if like.is_file() else None  # written uncompressed
+    if builder == "parquet":
         target = out_dir / f"{stem}.parquet"
         data.to_parquet(str(target))
-    elif suffix == ".csv":
+    elif builder == "csv":
         target = out_dir / f"{stem}.csv"
         data.to_csv(str(target), index=False)
-    elif suffix in (".json", ".jsonl"):
+    elif builder == "json":
         target = out_dir / f"{stem}.jsonl"
         data.to_json(str(target), lines=True, force_ascii=False)
     else:

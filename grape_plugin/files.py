@@ -56,7 +56,7 @@ def read(path: str | Path, parts: GrapeConfig | Components, limit: Optional[int]
     cfg, path = parts.cfg, Path(path)
     dataset = read_dataset(path, cfg.split)
     ctx = Context(str(path), list(dataset.column_names), cfg)
-    fmt = detect_format(ctx, parts.formats)
+    fmt = detect_format(ctx, parts.formats, dataset)
     inputs = [Input(dataset, fmt, ctx)]
     key = outline_key(dataset._fingerprint, fmt.name, cfg, limit)
     grouped = remembered(cfg.cache_dir, key, lambda: group_rows(inputs, cfg.min_candidates, limit))

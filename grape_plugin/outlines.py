@@ -20,15 +20,16 @@ from .config import GrapeConfig
 from .records import Candidate, Drops, Group, Grouped
 
 READING = ("format", "split", "group_by", "on_bad_row", "source_column", "response_column", "candidates_column",
-           "min_candidates")  # fmt: skip
+           "prompt_column", "context_column", "system_column", "min_candidates")  # fmt: skip
 CANDIDATE = ("source", "row", "index", "part", "item", "digest", "chars")  # an outline's fields
+READER = 2  # bump when the same rows and options group differently (2: context and history group)
 
 
 def outline_key(fingerprint: str, format_name: str, cfg: GrapeConfig, limit: Optional[int]) -> str:
     from .version import __version__
 
     options = {name: getattr(cfg, name) for name in READING}
-    text = json.dumps([__version__, fingerprint, format_name, options, limit], sort_keys=True, default=str)
+    text = json.dumps([__version__, READER, fingerprint, format_name, options, limit], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
@@ -44,7 +45,8 @@ def save(grouped: Grouped, path: Path) -> None:
         **{name: [getattr(c, name) for _, _, c in pairs] for name in CANDIDATE if name != "digest"},
         "digest": pa.array([c.digest for _, _, c in pairs], pa.binary(16)),
     })  # fmt: skip
-    meta = {"drops": json.dumps(grouped.drops.as_dict()), "skipped": json.dumps(list(grouped.skipped))}
+    meta = {"drops": json.dumps(grouped.drops.as_dict()), "skipped": json.dumps(list(grouped.skipped)),
+            "reading": json.dumps(list(grouped.reading))}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_stream(sink, table.schema.with_metadata(meta)) as out:
@@ -72,7 +74,8 @@ def load(path: Path) -> Optional[Grouped]:
                                 prompt_hash=col["prompt_hash"][at]))  # fmt: skip
             members = []
     meta = table.schema.metadata
-    return Grouped(tuple(groups), Drops(**json.loads(meta[b"drops"])), tuple(json.loads(meta[b"skipped"])))
+    return Grouped(tuple(groups), Drops(**json.loads(meta[b"drops"])), tuple(json.loads(meta[b"skipped"])),
+                   reading=tuple(json.loads(meta.get(b"reading", b"[]"))))
 
 
 def remembered(folder: Optional[Path], key: str, group: Callable[[], Grouped]) -> Grouped:

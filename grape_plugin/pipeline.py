@@ -253,4 +253,4 @@ def run_groups(
         stages=clock.laps,
     )
     return Selection(tuple(everything.groups), everything.results, kept, grouped.drops + everything.drops + not_kept,
-                     stats, grouped.skipped, cfg.metric, grouped.load, made_by(parts, scorer))  # fmt: skip
+                     stats, grouped.skipped, cfg.metric, grouped.load, made_by(parts, scorer), grouped.reading)  # fmt: skip

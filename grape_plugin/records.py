@@ -187,6 +187,7 @@ class Grouped:
     drops: Drops = Drops()
     skipped: tuple[str, ...] = ()  # the first skipped rows' messages
     load: Loader = tuple  # groups that already hold their texts need no loading
+    reading: tuple[str, ...] = ()  # per input: its shape and the columns read
 
 
 CandidateKey = tuple[str, int]  # (group key, candidate index)
@@ -301,6 +302,7 @@ class Selection:
     metric: str = "mean"  # what candidates were compared by
     load: Loader = tuple  # the texts of outlines (``Grouped.load``)
     made_by: Mapping[str, Any] = field(default_factory=dict)  # grape-plugin's version, the model, template, options
+    reading: tuple[str, ...] = ()  # per input: its shape and the columns read (``Grouped.reading``)
 
     @property
     def scores(self) -> Mapping[CandidateKey, Score]:

@@ -28,7 +28,8 @@ class Tally:
     compact numpy columns (one entry per scored candidate, in group order), no per-candidate Python objects."""
 
     compared: int  # instructions with two or more candidates
-    wins: Counter  # kept candidates per source, in the order of ``kept`` (empty when nothing was compared)
+    wins: Counter  # kept candidates per source of those instructions, in the order of ``kept``
+    single: int  # instructions with one candidate: kept without a comparison, so no win
     offered: Counter  # candidates per source
     sources: tuple[str, ...]  # source names ("(none)" for no source); ``source`` indexes them
     source: Any  # C int
@@ -73,11 +74,12 @@ class Tally:
                     second = mean
             if n_scored > 1:
                 gaps.append(best - second)
-        wins = Counter(c.source or "(none)" for _, c in selection.picks()) if compared else Counter()
+        wins = Counter(c.source or "(none)" for g, c in selection.picks() if len(g.candidates) > 1)
         return cls(
-            compared, wins, Counter(dict(zip(codes, counts))), tuple(codes), np.frombuffer(source, dtype=np.intc),
-            np.frombuffer(score), np.frombuffer(tokens, dtype=np.int64), np.frombuffer(won, dtype=np.int8).astype(bool),
-            np.frombuffer(gaps), np.fromiter((s.mean for s in scores.values()), float, len(scores)),
+            compared, wins, len(selection.groups) - compared, Counter(dict(zip(codes, counts))), tuple(codes),
+            np.frombuffer(source, dtype=np.intc), np.frombuffer(score), np.frombuffer(tokens, dtype=np.int64),
+            np.frombuffer(won, dtype=np.int8).astype(bool), np.frombuffer(gaps),
+            np.fromiter((s.mean for s in scores.values()), float, len(scores)),
         )
 
 
@@ -112,11 +114,13 @@ def summary(selection: Selection, tally: Optional[Tally] = None) -> dict[str, An
         "instructions_kept": len(selection.kept),
         "candidates_kept": sum(len(v) for v in selection.kept.values()),
         "instructions_compared": t.compared,
+        "instructions_single_candidate": t.single,
         "metric": selection.metric,
         "made_by": dict(selection.made_by),
         "note": None if t.compared else NOTHING_COMPARED,
         "dropped": selection.drops.as_dict(),
         "skipped_rows": list(selection.skipped),
+        "read": list(selection.reading),
         "wins_per_source": dict(t.wins.most_common()),
         "score": {
             "min": float(t.means.min()) if len(t.means) else None,
@@ -151,6 +155,7 @@ def summary_text(selection: Selection) -> str:
     info = summary(selection)
     lines = [made_by_line(info["made_by"])] if info["made_by"] else []
     lines += [
+        *(f"read {line}" for line in info["read"]),
         f"instructions: {info['instructions']} read, {info['instructions_kept']} kept; "
         f"candidates: {info['candidates']} read, {info['candidates_kept']} kept"
         + (f" ({info['truncated']} truncated at max_length)" if info["truncated"] else ""),
@@ -158,6 +163,9 @@ def summary_text(selection: Selection) -> str:
         "wins per source: " + (", ".join(f"{k} {v}" for k, v in info["wins_per_source"].items()) or "-")
         if info["instructions_compared"] else f"note: {NOTHING_COMPARED}",
     ]
+    if info["instructions_compared"] and info["instructions_single_candidate"]:
+        lines.append(f"single-candidate instructions: {info['instructions_single_candidate']} (kept, nothing to "
+                     "compare: not counted as wins)")  # fmt: skip
     sc = info["score"]
     if sc["median"] is not None:
         gap = sc["median_gap_best_to_second"]

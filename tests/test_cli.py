@@ -126,6 +126,24 @@ def test_bad_row_via_cli(tmp_path, fails):
     assert code == 2 and f"{path}: row 2: field 'output': is empty" in err
 
 
+def test_column_options_reach_the_reader_and_are_checked(tmp_path, tiny_model, fails, capsys):
+    rows = [{"instruction": "Define entropy.", "generations": ["Disorder.", "Heat over temperature."],
+             "generation_models": ["zephyr-7b", "mistral-7b"]}, {"instruction": "Say hi.", "generations": ["Hi."],
+             "generation_models": ["zephyr-7b"]}]  # fmt: skip
+    path = write_jsonl(tmp_path / "gen.jsonl", rows)
+    code, err = fails("preview", str(path), "--model", "unused", "--source-column", "no_such_column")
+    assert code == 2 and f"{path}: --source-column no_such_column: no such column, nor a field of the candidates" in err
+    code, err = fails("preview", str(path), "--model", "unused", "--prompt-column", "title")
+    assert code == 2 and f"{path}: --prompt-column title: no such column; its columns are instruction, " in err
+    args = ["select", str(path), "--model", str(tiny_model), "--no-cache", "-o", str(tmp_path / "o")]
+    assert main([*args, "--candidates-column", "generations", "--source-column", "generation_models"]) == 0
+    out = capsys.readouterr().out
+    assert f"read {path}: list rows; prompt: instruction, candidates: generations, source: generation_models" in out
+    assert "single-candidate instructions: 1 (kept, nothing to compare: not counted as wins)" in out
+    report = json.loads((tmp_path / "o" / "report.json").read_text())
+    assert set(report["wins_per_source"]) <= {"zephyr-7b", "mistral-7b"} and sum(report["wins_per_source"].values()) == 1
+
+
 def test_chat_row_that_opens_with_the_assistant_is_refused(tmp_path, tiny_model, fails):
     rows = [{"messages": [{"role": "assistant", "content": "Hello!"}]}]
     path = write_jsonl(tmp_path / "chat.jsonl", rows)

@@ -150,3 +150,125 @@ def test_named_columns_override_detection(tmp_path):
     assert group.key == "q" and [c.source for c in group.candidates] == ["m1", "m2"]
     with pytest.raises(GrapeError, match="--response-column nope: no such column; its columns are instruction, reply"):
         read(Path(tmp_path / "c.jsonl"), GrapeConfig(cache_dir=None, response_column="nope"))
+
+
+def test_compressed_files(tmp_path):
+    import bz2
+    import gzip
+    import lzma
+
+    rows = [{"instruction": "Say hi", "output": "hi"}, {"instruction": "Say hi", "output": "hello"}]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    (tmp_path / "d.jsonl.gz").write_bytes(gzip.compress(text.encode()))
+    (tmp_path / "d.json.bz2").write_bytes(bz2.compress(json.dumps(rows).encode()))
+    (tmp_path / "d.csv.xz").write_bytes(lzma.compress(b"instruction,output\nSay hi,hi\nSay hi,hello\n"))
+    for name in ("d.jsonl.gz", "d.json.bz2", "d.csv.xz"):
+        (group,) = read(tmp_path / name, CFG).texts()
+        assert [c.response for c in group.candidates] == ["hi", "hello"]
+    (tmp_path / "bad.jsonl.gz").write_bytes(gzip.compress(text.encode() + b'{"instruction": \n'))
+    with pytest.raises(GrapeError, match=r"bad.jsonl.gz: line 3: not valid JSON"):
+        read(tmp_path / "bad.jsonl.gz", CFG)
+
+
+def test_zstandard_files_need_the_package(tmp_path):
+    import importlib.util
+
+    path = tmp_path / "d.jsonl.zst"
+    if importlib.util.find_spec("zstandard") is None:
+        path.write_bytes(b"\x28\xb5\x2f\xfd")
+        with pytest.raises(GrapeError, match=r"d.jsonl.zst: reading .zst files needs the zstandard package: pip "
+                                             r"install zstandard"):  # fmt: skip
+            read(path, CFG)
+        return
+    import zstandard
+
+    path.write_bytes(zstandard.ZstdCompressor().compress(b'{"instruction": "Q", "output": "a"}\n'))
+    assert len(read(path, CFG).texts()) == 1
+
+
+def test_records_under_a_top_level_key(tmp_path):
+    records = [{"instruction": "Q", "output": "a"}, {"instruction": "Q", "output": "b"}]
+    (tmp_path / "doc.json").write_text(json.dumps({"version": "1.0", "data": records}, indent=2))
+    (group,) = read(tmp_path / "doc.json", CFG).texts()
+    assert [c.response for c in group.candidates] == ["a", "b"]
+    (tmp_path / "one.json").write_text(json.dumps({"messages": [{"role": "user", "content": "Q"},
+                                                                {"role": "assistant", "content": "a"}]}))
+    assert read(tmp_path / "one.json", CFG).format.name == "messages"  # a lone row of messages is a row
+    (tmp_path / "two.json").write_text(json.dumps({"train": records, "test": records}))
+    with pytest.raises(GrapeError, match=r"two.json: cannot tell .* if the file is one object holding lists of "
+                                         r"records \(train, test\), keep one list per file"):  # fmt: skip
+        read(tmp_path / "two.json", CFG)
+
+
+def test_unknown_shapes_say_what_they_saw_and_what_reads_them(tmp_path):
+    rows = [{"question_text": "Q", "replies": [{"text": "a", "by": "m1"}, {"text": "b", "by": "m2"}]}]
+    with pytest.raises(GrapeError, match=r"its first row has question_text \(a string\), replies \(a list of "
+                                         r"\{text, by\} objects\);.* --prompt-column question_text "
+                                         r"--candidates-column replies"):  # fmt: skip
+        read(write_jsonl(tmp_path / "u.jsonl", rows), CFG)
+    (group,) = read(tmp_path / "u.jsonl", GrapeConfig(cache_dir=None, prompt_column="question_text",
+                                                      candidates_column="replies", source_column="by")).texts()
+    assert list(group.prompt) == [{"role": "user", "content": "Q"}] and [c.source for c in group.candidates] == ["m1", "m2"]
+    turns = [{"conversation": [{"question": "Q", "reply": "a"}]}]
+    for on_bad_row in ("error", "skip"):  # the data's shape, not a bad row: skipping cannot help
+        with pytest.raises(GrapeError) as err:
+            read(write_jsonl(tmp_path / "t.jsonl", turns), GrapeConfig(cache_dir=None, on_bad_row=on_bad_row))
+        assert str(err.value).endswith("row 1: field 'conversation[0]': turns are {question, reply} objects; chat "
+                                       "turns need role/content, from/value or input/output fields")
+
+
+def test_prompt_context_and_system_columns(tmp_path):
+    rows = [{"task": "Summarize.", "passage": "Cats sleep a lot.", "persona": "You are terse.", "reply": r}
+            for r in ("Cats nap.", "They sleep.")]  # fmt: skip
+    cfg = GrapeConfig(cache_dir=None, prompt_column="task", context_column="passage", system_column="persona",
+                      response_column="reply")  # fmt: skip
+    (group,) = read(write_jsonl(tmp_path / "d.jsonl", rows), cfg).texts()
+    assert list(group.prompt) == [{"role": "system", "content": "You are terse."},
+                                  {"role": "user", "content": "Summarize.\nCats sleep a lot."}]
+    pairs = [{"title": "Why is the sky blue?", "human_ref_A": "Scattering.", "human_ref_B": "Air."}]
+    path = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    with pytest.raises(GrapeError, match=r"pairs.jsonl: no prompt column; .* \(or name it with --prompt-column\)"):
+        read(path, CFG)
+    (group,) = read(path, GrapeConfig(cache_dir=None, prompt_column="title")).texts()
+    assert group.prompt[-1]["content"] == "Why is the sky blue?" and len(group.candidates) == 2
+
+
+@pytest.mark.parametrize(
+    "rows, options, message",
+    [
+        ([{"message_id": "m1", "parent_id": None, "role": "prompter", "text": "Q"}], {"prompt_column": "text"},
+         "--prompt-column text: the data reads as tree rows, which do not use it (they take --source-column)"),
+        ([{"instruction": "Q", "output": "a"}], {"prompt_column": "title"},
+         "--prompt-column title: no such column; its columns are instruction, output"),
+        ([{"instruction": "Q", "output": "a"}], {"context_column": "passage"},
+         "--context-column passage: no such column; its columns are instruction, output"),
+        ([{"messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "a"}]}],
+         {"prompt_column": "messages"}, "--prompt-column messages: the data reads as messages rows, which do not use "
+                                        "it (they take --system-column, --source-column)"),
+        ([{"instruction": "Q", "responses": ["a", "b"]}], {"candidates_column": "answers"},
+         "--candidates-column answers: no such column; its columns are instruction, responses"),
+        ([{"instruction": "Q", "responses": ["a", "b"]}], {"response_column": "text"},
+         "--response-column text: no such column, nor a field of the candidates in 'responses' (they are strings)"),
+        ([{"prompt": "Q", "chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "a"}],
+           "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "b"}]}],
+         {"prompt_column": "prompt"}, "--prompt-column prompt: the candidates carry their own conversation, which is "
+                                      "the prompt; leave the option out"),
+    ],
+)
+def test_column_options_are_checked(tmp_path, rows, options, message):
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(GrapeError) as err:
+        read(path, GrapeConfig(cache_dir=None, **options))
+    assert str(err.value) == f"{path}: {message}"
+
+
+def test_a_per_answer_source_column_names_every_answer_s(tmp_path):
+    rows = [{"prompt": "Q", "response_0": "a", "response_1": "b", "prompt_source": "BeaverTails",
+             "response_0_from": "m0", "response_1_from": "m1"}]  # fmt: skip
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    (group,) = read(path, CFG).texts()
+    assert [c.source for c in group.candidates] == ["response_0", "response_1"]
+    (group,) = read(path, GrapeConfig(cache_dir=None, source_column="response_0_from")).texts()
+    assert [c.source for c in group.candidates] == ["m0", "m1"]
+    (group,) = read(path, GrapeConfig(cache_dir=None, source_column="prompt_source")).texts()
+    assert [c.source for c in group.candidates] == ["BeaverTails", "BeaverTails"]

@@ -63,7 +63,7 @@ def load_entries(cfg: Any, gcfg: GrapeConfig, formats: Mapping[str, Format]) -> 
         rows = load_dataset_with_config(entry_cfg, cfg.hf_use_auth_token, streaming=False)
         rows = pick_split(rows, entry_cfg.split, where, option="split:")
         ctx = Context(where, list(rows.column_names), gcfg)
-        entries.append(Entry(entry_cfg, rows, detect_format(ctx, formats), ctx, row_digest(rows)))
+        entries.append(Entry(entry_cfg, rows, detect_format(ctx, formats, rows), ctx, row_digest(rows)))
     return entries
 
 
