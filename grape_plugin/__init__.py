@@ -13,18 +13,21 @@ from .errors import GrapeError
 from .files import read, run, write
 from .hookspecs import hookimpl
 from .pipeline import run_groups
-from .records import Candidate, Drops, Group, Grouped, Score, Selection, Stats
+from .records import Candidate, CandidateOutline, Drops, Group, Grouped, GroupOutline, Results, Score, Selection, Stats
 from .render import render_groups
 from .version import __version__
 
 __all__ = [
     "Candidate",
+    "CandidateOutline",
     "Components",
     "Drops",
     "GrapeConfig",
     "GrapeError",
     "Group",
+    "GroupOutline",
     "Grouped",
+    "Results",
     "Score",
     "Selection",
     "Stats",

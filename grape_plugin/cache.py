@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, Iterable, Iterator, NamedTuple, Optional
 
-from .records import Group, Score
+from .records import GroupOutline, Score
 from .render import Rendered, RenderedKey
 
 log = logging.getLogger(__name__)
@@ -220,7 +220,7 @@ def render_prefix(identity: str, render: Any, max_length: Optional[int], over_le
     return None if key is None else f"{identity}\n{key}\n{max_length}\n{over_length}\n"
 
 
-def text_keys(prefix: str, group: Group) -> list[bytes]:
+def text_keys(prefix: str, group: GroupOutline) -> list[bytes]:
     """The cache key of each candidate, from the digests of its text and its instruction's (prompt and context)."""
     head = hashlib.sha256(f"{prefix}{group.prompt_hash}\n".encode())
     keys = []

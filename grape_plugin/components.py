@@ -14,7 +14,7 @@ from . import plugins
 from .config import GrapeConfig
 from .errors import GrapeError
 from .metrics import Metric, fit_function
-from .records import Drops, Group, Score
+from .records import Drops, Group, GroupOutline, Score
 from .selection import Selector, choose
 
 HOST_TEMPLATE = "train"  # a host's own tokens and labels: the default template of every host integration
@@ -120,12 +120,12 @@ class Components:
         """The configured template built on the scorer's tokenizer."""
         return conform(self.template(scorer.tokenizer, self.cfg), RENDERER, self.cfg.template)
 
-    def select(self, groups: Iterable[Group], scores: Mapping[tuple[str, int], Score]) -> tuple[dict, Drops]:
+    def select(self, groups: Iterable[Group | GroupOutline], scores: Mapping[tuple[str, int], Score]) -> tuple[dict, Drops]:
         """Kept candidate indices per group key, and what was not kept (``selection.choose``)."""
         fit = self.fit
         return choose(groups, {key: fit(score) for key, score in scores.items()}, self.selector, self.cfg)
 
 
-def select(groups: Iterable[Group], scores: Mapping[tuple[str, int], Score], cfg: GrapeConfig) -> tuple[dict, Drops]:
+def select(groups: Iterable[Group | GroupOutline], scores: Mapping[tuple[str, int], Score], cfg: GrapeConfig) -> tuple[dict, Drops]:
     """Select from scores already computed, with the strategy, metric and budget ``cfg`` names."""
     return Components.of(cfg).select(groups, scores)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence, TypeVar
 
-from .records import Drops, Group, Results, Share
+from .records import Drops, GroupOutline, Results, Share
 
 T = TypeVar("T")
 
@@ -76,7 +76,7 @@ def barrier() -> None:
         dist.barrier()
 
 
-def gather(share: Share, groups: Sequence[Group]) -> Share:
+def gather(share: Share, groups: Sequence[GroupOutline]) -> Share:
     """Every rank's share, on every rank: outcomes and results (no texts, no token ids); ``groups`` are all the
     run's instructions, in input order."""
     if rank_world()[1] == 1:

@@ -16,7 +16,7 @@ from .config import GrapeConfig
 from .errors import GrapeError
 from .formats import Context, Format, Input, detect_format, group_rows, loader
 from .host import MANIFEST, BaseHost, select_from, write_folder
-from .records import Group, Grouped, Selection
+from .records import Group, Grouped, GroupOutline, Selection
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class FileInput:
     limit: Optional[int] = None
 
     @property
-    def groups(self) -> tuple[Group, ...]:
+    def groups(self) -> tuple[GroupOutline, ...]:
         """The outlines (no texts; see ``Grouped``)."""
         return self.grouped.groups
 

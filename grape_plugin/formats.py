@@ -22,7 +22,10 @@ from typing import Any, Callable, Iterable, Iterator, NamedTuple, Optional, Sequ
 from .config import GrapeConfig
 from .errors import SKIP_HINT, GrapeError, RowError, input_error
 from .hookspecs import hookimpl
-from .records import Candidate, Draft, Drops, Group, Grouped, Loader, Message, Reason, prompt_key, text_digest
+from .records import (
+    Candidate, CandidateOutline, Draft, Drops, Group, Grouped, GroupOutline, Loader, Message, Reason, prompt_key,
+    text_digest,
+)
 
 PROMPT_COLUMNS = ("instruction", "prompt", "question", "query", "history")  # SHP keeps its post in ``history``
 CONTEXT_COLUMNS = ("input", "context")  # Alpaca's input, Dolly's context: part of the instruction
@@ -744,7 +747,7 @@ class Read(NamedTuple):
     row: int
     id: Optional[str]
     prompt_hash: str
-    candidate: Candidate
+    candidate: CandidateOutline
 
 
 def id_column(ctx: Context) -> Optional[str]:
@@ -755,14 +758,14 @@ def id_column(ctx: Context) -> Optional[str]:
     return ctx.first(("id",)) if by == "auto" else ctx.first((), by, "--group-by")
 
 
-def outline(draft: Draft, part: int) -> tuple[str, Candidate]:
+def outline(draft: Draft, part: int) -> tuple[str, CandidateOutline]:
     """A draft's prompt hash and its candidate without the text (its digest and size instead)."""
     prompt_chars = sum(len(m["content"]) for m in draft.prompt)
     cand = draft.candidate
     source = None if cand.source is None else sys.intern(cand.source)  # one string per source, not per row
     chars = prompt_chars + len(cand.response)
-    return prompt_key(draft.prompt, draft.context), Candidate("", source, cand.row, cand.index, part, cand.item,
-                                                              text_digest(cand.response), chars)  # fmt: skip
+    return prompt_key(draft.prompt, draft.context), CandidateOutline(source, cand.row, cand.index, part, cand.item,
+                                                                     text_digest(cand.response), chars)  # fmt: skip
 
 
 def read_drafts(inputs: Sequence[Input]) -> tuple[list[Read], Counter, list[str]]:
@@ -812,7 +815,7 @@ def loader(inputs: Sequence[Input]) -> Loader:
 
     contexts: dict[int, Context] = {}  # each part's, prepared on first use
 
-    def load(groups: Sequence[Group]) -> tuple[Group, ...]:
+    def load(groups: Sequence[GroupOutline]) -> tuple[Group, ...]:
         wanted = sorted({(c.part, c.row) for g in groups for c in g.candidates})
         drafts: dict[tuple[int, int, Optional[int]], Draft] = {}
         for part in sorted({p for p, _ in wanted}):
@@ -826,8 +829,7 @@ def loader(inputs: Sequence[Input]) -> Loader:
         out = []
         for g in groups:
             found = [drafts[(c.part, c.row, c.item)] for c in g.candidates]
-            cands = (replace(c, response=d.candidate.response) for c, d in zip(g.candidates, found))
-            out.append(replace(g, prompt=tuple(found[0].prompt), context=found[0].context, candidates=tuple(cands)))
+            out.append(g.with_texts(found[0].prompt, found[0].context, (d.candidate.response for d in found)))
         return tuple(out)
 
     return load
@@ -842,7 +844,7 @@ def group_rows(inputs: Sequence[Input], min_candidates: int, limit: Optional[int
     ids_per_row = Counter({(r.part, r.row): r.id for r in reads if r.id is not None}.values())
     by_id = any(n > 1 for n in ids_per_row.values()) or any(i.context.cfg.group_by not in ("auto", "prompt")
                                                             for i in inputs)  # fmt: skip
-    drafts: dict[str, tuple[Group, list[Candidate]]] = {}
+    drafts: dict[str, tuple[GroupOutline, list[CandidateOutline]]] = {}
     seen: list[set[str]] = [set() for _ in inputs]
     for part, i, row_id, prompt_hash, cand in reads:
         key = row_id if by_id and row_id is not None else prompt_hash
@@ -851,7 +853,7 @@ def group_rows(inputs: Sequence[Input], min_candidates: int, limit: Optional[int
             continue
         seen[part].add(key)
         if key not in drafts:
-            drafts[key] = (Group(key, (), row=i, prompt_hash=prompt_hash), [])
+            drafts[key] = (GroupOutline(key, row=i, prompt_hash=prompt_hash), [])
         elif key == row_id and drafts[key][0].prompt_hash != prompt_hash:
             ctx = inputs[part].context
             first = drafts[key][0].row + 1
@@ -865,11 +867,11 @@ def group_rows(inputs: Sequence[Input], min_candidates: int, limit: Optional[int
                    reading=tuple(reading(i.format, i.context) for i in inputs))
 
 
-def finish_groups(groups: Iterable[Group], min_candidates: int) -> Grouped:
+def finish_groups(groups: Iterable[GroupOutline], min_candidates: int) -> Grouped:
     """Deduplicate identical responses within each group, number candidates, enforce ``min_candidates``."""
     kept, candidates, instructions = [], Counter(), Counter()
     for group in groups:
-        unique: dict[bytes, Candidate] = {}
+        unique: dict[bytes, CandidateOutline] = {}
         for cand in group.candidates:
             if cand.digest in unique:
                 candidates[Reason.DUPLICATE_RESPONSE] += 1

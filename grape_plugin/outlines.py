@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from .config import GrapeConfig
-from .records import Candidate, Drops, Group, Grouped
+from .records import CandidateOutline, Drops, Grouped, GroupOutline
 
 READING = ("format", "split", "group_by", "on_bad_row", "source_column", "response_column", "candidates_column",
            "prompt_column", "context_column", "system_column", "min_candidates")  # fmt: skip
@@ -65,13 +65,12 @@ def load(path: Path) -> Optional[Grouped]:
         return None
     col = table.to_pydict()
     col["source"] = [None if s is None else sys.intern(s) for s in col["source"]]
-    groups: list[Group] = []
-    members: list[Candidate] = []
+    groups: list[GroupOutline] = []
+    members: list[CandidateOutline] = []
     for at, n in enumerate(col["group"]):
-        members.append(Candidate("", **{name: col[name][at] for name in CANDIDATE}))
+        members.append(CandidateOutline(**{name: col[name][at] for name in CANDIDATE}))
         if at + 1 == len(col["group"]) or col["group"][at + 1] != n:
-            groups.append(Group(col["key"][at], (), tuple(members), col["group_row"][at],
-                                prompt_hash=col["prompt_hash"][at]))  # fmt: skip
+            groups.append(GroupOutline(col["key"][at], tuple(members), col["group_row"][at], col["prompt_hash"][at]))
             members = []
     meta = table.schema.metadata
     return Grouped(tuple(groups), Drops(**json.loads(meta[b"drops"])), tuple(json.loads(meta[b"skipped"])),

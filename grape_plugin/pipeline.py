@@ -14,7 +14,7 @@ from .cache import Entry, ScoreCache, cached_entries, item_key, kept_part, open_
 from .components import Components
 from .config import GrapeConfig
 from .distributed import agreed, gather, rank_world, shard
-from .records import Drops, Group, Grouped, Loader, Reason, Results, Score, Selection, Share, Stats
+from .records import Drops, Grouped, GroupOutline, Loader, Reason, Results, Score, Selection, Share, Stats
 from .render import Rendered, RenderedKey, Renderer, group_chunks, render_groups
 from .scoring import Scorer
 from .selection import choose, needs_scores
@@ -68,7 +68,7 @@ class Resolved:
     """Some instructions after ``max_length``, as outlines (``groups``), with the token ids of those rendered
     (``items``; the others are answered by the cache: ``known``), and each candidate's cache key."""
 
-    groups: tuple[Group, ...]
+    groups: tuple[GroupOutline, ...]
     items: dict[RenderedKey, Rendered]
     drops: Drops
     cut: frozenset[RenderedKey]  # truncated at max_length
@@ -81,7 +81,7 @@ class Resolved:
 
 
 
-def resolve(groups: Sequence[Group], load: Loader, run: RunContext) -> Resolved:
+def resolve(groups: Sequence[GroupOutline], load: Loader, run: RunContext) -> Resolved:
     """Render the candidates of ``groups`` (outlines) that the cache cannot answer for, and apply ``max_length``.
 
     With a keyed renderer, an instruction is answered from the cache when every candidate's outcome is cached (too
@@ -93,7 +93,7 @@ def resolve(groups: Sequence[Group], load: Loader, run: RunContext) -> Resolved:
     keys = {} if prefix is None else {(g.key, c.index): k for g in groups for c, k in zip(g.candidates, text_keys(prefix, g))}
     known = {} if cache is None or prefix is None else cached_entries(cache, keys, run.arrays)
 
-    def answered(g: Group) -> bool:
+    def answered(g: GroupOutline) -> bool:
         if not all((g.key, c.index) in known for c in g.candidates):
             return False
         fits = g.with_candidates(c for c in g.candidates if known[(g.key, c.index)].n_ids)
@@ -151,7 +151,7 @@ def score(here: Resolved, run: RunContext, bar: Any) -> Share:
                  size((g.key, c.index) for g in here.groups for c in g.candidates))  # fmt: skip
 
 
-def score_share(groups: Sequence[Group], load: Loader, run: RunContext) -> Share:
+def score_share(groups: Sequence[GroupOutline], load: Loader, run: RunContext) -> Share:
     """Render and score ``groups`` a few thousand candidates at a time, so that only one chunk's texts and token
     ids are in memory at once."""
     from tqdm.auto import tqdm
@@ -175,7 +175,7 @@ def score_share(groups: Sequence[Group], load: Loader, run: RunContext) -> Share
     return Share(kept, results, drops, *tally)
 
 
-def text_size(group: Group) -> int:
+def text_size(group: GroupOutline) -> int:
     """An estimate of a group's tokens before rendering: its characters, the prompt once per candidate."""
     return sum(c.chars for c in group.candidates)
 

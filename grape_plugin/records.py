@@ -15,14 +15,24 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Optio
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
 
 
+class Placed:
+    """Where a candidate stands in the input (``part``, ``row``, ``item``), for its outline and its loaded form."""
+
+    __slots__ = ()
+
+    @property
+    def origin(self) -> tuple[int, int, int]:
+        """Input order: (part, row, item)."""
+        return self.part, self.row, -1 if self.item is None else self.item  # type: ignore[attr-defined]
+
+
 @dataclass(frozen=True, slots=True)
-class Candidate:
+class Candidate(Placed):
     """One response to an instruction, and where it stands in the input.
 
     ``part`` is the input it came from (0 for a single file; an Axolotl ``datasets:`` entry or a LLaMA-Factory
     dataset otherwise), ``row`` its 0-based row there and ``item`` its place inside the row (a list column's
-    position, 0 for ``chosen`` and 1 for ``rejected``), None when the row is the candidate. In an outline (see
-    ``Grouped``) ``response`` is empty; ``digest`` and ``chars`` stand for it.
+    position, 0 for ``chosen`` and 1 for ``rejected``), None when the row is the candidate.
     """
 
     response: str
@@ -31,13 +41,44 @@ class Candidate:
     index: int = 0  # position within its group, in input order
     part: int = 0
     item: Optional[int] = None
-    digest: bytes = b""  # of the response (``text_digest``): identifies it while its text is not loaded
+    digest: bytes = b""  # of the response (``text_digest``)
     chars: int = 0  # characters of its prompt and response: what rendering it costs, before it is rendered
 
-    @property
-    def origin(self) -> tuple[int, int, int]:
-        """Input order: (part, row, item)."""
-        return self.part, self.row, -1 if self.item is None else self.item
+
+@dataclass(frozen=True, slots=True)
+class CandidateOutline(Placed):
+    """A candidate without its text, as the pipeline carries it until the text is needed: where it is in the input
+    (``Candidate``'s fields), ``digest`` (``text_digest`` of its response) and ``chars`` standing for the text."""
+
+    source: Optional[str]
+    row: int
+    index: int = 0
+    part: int = 0
+    item: Optional[int] = None
+    digest: bytes = b""
+    chars: int = 0
+
+    def with_text(self, response: str) -> Candidate:
+        return Candidate(response, self.source, self.row, self.index, self.part, self.item, self.digest, self.chars)
+
+
+@dataclass(frozen=True, slots=True)
+class GroupOutline:
+    """An instruction without its texts: its key, the hash of its prompt and context (``prompt_key``), its first
+    input row and its candidates' outlines. ``Grouped.load`` turns outlines into ``Group``s."""
+
+    key: str
+    candidates: tuple[CandidateOutline, ...] = ()
+    row: int = 0
+    prompt_hash: str = ""
+
+    def with_candidates(self, candidates: Iterable[CandidateOutline]) -> "GroupOutline":
+        return replace(self, candidates=tuple(candidates))
+
+    def with_texts(self, prompt: Iterable[Message], context: Mapping[str, Any], responses: Iterable[str]) -> "Group":
+        """The loaded instruction: this outline with its prompt, context and each candidate's response."""
+        cands = tuple(c.with_text(r) for c, r in zip(self.candidates, responses))
+        return Group(self.key, tuple(prompt), cands, self.row, context, self.prompt_hash)
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,8 +86,7 @@ class Group:
     """One instruction: its prompt as chat messages and its candidate responses.
 
     ``context`` holds what a host's own form of the prompt adds to the messages (LLaMA-Factory's system, tools
-    and media); it is part of the group key, so prompts that differ there are different instructions. In an
-    outline (see ``Grouped``) the prompt and context are empty and ``prompt_hash`` stands for them.
+    and media); it is part of the group key, so prompts that differ there are different instructions.
     """
 
     key: str
@@ -172,7 +212,7 @@ class Drops:
         return {"candidates": dict(self.candidates), "instructions": dict(self.instructions), "rows": dict(self.rows)}
 
 
-Loader = Callable[[Sequence[Group]], tuple[Group, ...]]  # outlines -> the same groups with their texts
+Loader = Callable[[Sequence[GroupOutline]], tuple[Group, ...]]  # outlines -> the same groups with their texts
 
 
 @dataclass(frozen=True)
@@ -183,10 +223,10 @@ class Grouped:
     pool of any size fits in memory; ``load`` reads the texts of a few groups back from the input when they are
     needed (to render them, to write the kept rows)."""
 
-    groups: tuple[Group, ...]
+    groups: tuple[GroupOutline, ...]
     drops: Drops = Drops()
     skipped: tuple[str, ...] = ()  # the first skipped rows' messages
-    load: Loader = tuple  # groups that already hold their texts need no loading
+    load: Loader = tuple  # groups that already hold their texts (``Group``s, in tests and notebooks) need none
     reading: tuple[str, ...] = ()  # per input: its shape and the columns read
 
 
@@ -253,7 +293,7 @@ class Share:
     """What one rank did for its instructions: the survivors of ``max_length`` (outlines), the results of the scored
     candidates, what rendering dropped, and counts."""
 
-    groups: list[Group] = field(default_factory=list)
+    groups: list[GroupOutline] = field(default_factory=list)
     results: Results = Results()
     drops: Drops = Drops()
     truncated: int = 0
@@ -293,7 +333,7 @@ class Stats:
 class Selection:
     """Scores, kept candidates and the ledger of one run. ``groups`` are as scored (too-long candidates gone)."""
 
-    groups: tuple[Group, ...]
+    groups: tuple[GroupOutline, ...]
     results: Results  # every scored candidate's score and fit under ``metric``
     kept: Mapping[str, tuple[int, ...]]  # group key -> kept candidate indices, best first
     drops: Drops = Drops()
@@ -312,14 +352,15 @@ class Selection:
     def fits(self) -> Mapping[CandidateKey, float]:
         return self.results.fits
 
-    def picks(self) -> list[tuple[Group, Candidate]]:
-        """Every kept (group, candidate), in the order of ``kept`` (outlines: no texts)."""
+    def picks(self) -> list[tuple[GroupOutline, CandidateOutline]]:
+        """Every kept (group, candidate), in the order of ``kept``, as outlines (no texts)."""
         by_key = {g.key: (g, {c.index: c for c in g.candidates}) for g in self.groups if g.key in self.kept}
         return [(by_key[k][0], by_key[k][1][i]) for k, idx in self.kept.items() for i in idx]
 
-    def picks_in_order(self, texts: bool = False, chunk: int = 4096) -> Iterator[tuple[Group, Candidate]]:
-        """Every kept (group, candidate) in input order (``Candidate.origin``); with ``texts``, their prompts and
-        responses, read back ``chunk`` at a time, so that writing a selection never holds all of them."""
+    def picks_in_order(self, texts: bool = False, chunk: int = 4096) -> Iterator[tuple[Any, Any]]:
+        """Every kept (group, candidate) in input order (``Candidate.origin``), as outlines; with ``texts``, loaded
+        (``Group``, ``Candidate``: their prompts and responses, read back ``chunk`` at a time, so that writing a
+        selection never holds all of them)."""
         ordered = sorted(self.picks(), key=lambda p: p[1].origin)
         for at in range(0, len(ordered), chunk):
             part = ordered[at : at + chunk]

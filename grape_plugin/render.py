@@ -13,7 +13,7 @@ import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, TypeVar
 
 from .errors import GrapeError, input_error
 from .hookspecs import hookimpl
@@ -50,6 +50,7 @@ Renderer = Callable[[Group, Candidate], Rendered]  # a template may also offer `
 RenderedKey = tuple[str, int]  # (group key, candidate index)
 RENDER_BATCH = 1024  # candidates per tokenizer call of a template that renders in bulk
 Text = tuple[str, int, int]  # a whole text and the character span of the response in it
+G = TypeVar("G")  # a group or its outline
 
 
 def render_texts(tokenizer: Any, texts: Sequence[Text], add_special_tokens: bool) -> list[Rendered]:
@@ -238,9 +239,9 @@ def render_pairs(render: Renderer, pairs: Sequence[tuple[Group, Candidate]], fil
     return out
 
 
-def group_chunks(groups: Iterable[Group], candidates: int) -> Iterator[list[Group]]:
+def group_chunks(groups: Iterable[G], candidates: int) -> Iterator[list[G]]:
     """Whole groups, about ``candidates`` candidates at a time."""
-    chunk: list[Group] = []
+    chunk: list[G] = []
     size = 0
     for group in groups:
         chunk.append(group)

@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Mapping, Optional, Sequence
 
 from .config import GrapeConfig
 from .hookspecs import hookimpl
-from .records import Drops, Group, Reason
+from .records import Drops, Group, GroupOutline, Reason
 
 TIE = 1e-4
 
@@ -72,13 +72,13 @@ def apply_budget(
     return {fits[i][0] for i in ranked[:n]}
 
 
-def needs_scores(group: Group, cfg: GrapeConfig) -> bool:
+def needs_scores(group: Group | GroupOutline, cfg: GrapeConfig) -> bool:
     """A group whose candidates all survive (and no budget ranks it) needs no forward pass."""
     return len(group.candidates) > cfg.top_k or cfg.budget is not None or cfg.budget_fraction is not None
 
 
 def choose(
-    groups: Iterable[Group], fits: Mapping[tuple[str, int], float], selector: Selector, cfg: GrapeConfig
+    groups: Iterable[Group | GroupOutline], fits: Mapping[tuple[str, int], float], selector: Selector, cfg: GrapeConfig
 ) -> tuple[dict[str, tuple[int, ...]], Drops]:
     """Kept candidate indices per group key (after ``selector`` and the budget), and what was not kept. ``fits``
     are each scored candidate's value of the run's metric (``metrics.py``)."""

@@ -9,14 +9,15 @@ import pytest
 from grape_plugin import GrapeConfig, pipeline
 from grape_plugin.formats import LongRows
 from grape_plugin import read, run, run_groups
-from grape_plugin.records import Grouped
+from grape_plugin.records import CandidateOutline, Grouped, GroupOutline
 from tests.helpers import pool_rows, write_jsonl
 
 
 def test_groups_are_outlines_whose_texts_load_back(pool_file):
     data = read(pool_file, GrapeConfig(cache_dir=None))
-    assert all(g.prompt == () and g.prompt_hash for g in data.groups)
-    assert all(c.response == "" and len(c.digest) == 16 and c.chars > 0 for g in data.groups for c in g.candidates)
+    assert all(isinstance(g, GroupOutline) and g.prompt_hash for g in data.groups)
+    assert all(isinstance(c, CandidateOutline) and len(c.digest) == 16 and c.chars > 0
+               for g in data.groups for c in g.candidates)  # fmt: skip
     rows = pool_rows(6)
     for g in data.texts():
         assert g.prompt == ({"role": "user", "content": rows[g.candidates[0].row]["instruction"]},)
