@@ -47,7 +47,8 @@ class Tally:
         return {"score_calls": self.calls, "passes": len(self.passes), "prompt_passes": self.prompt_passes,
                 "one_row": sum(rows == 1 for rows, *_ in self.passes) - self.prompt_passes,
                 "median_batch_tokens": int(statistics.median(sizes)) if sizes else 0,
-                "shapes": len({p[:3] for p in self.passes}), "positions": run, "padding": 1 - real / run if run else 0.0}
+                "shapes": len({p[:3] for p in self.passes}), "positions": run,
+                "padding": 1 - real / run if run else 0.0}
 
 
 class Ready(list):
@@ -73,14 +74,13 @@ def fake_model(device: str, vocab: int) -> Any:
 def recorded(tally: Tally) -> tuple[Any, Any, Any]:
     """Stand-ins for the scorer's score call, batch pass and prompt pass that count instead of computing."""
     real_score = scoring.TransformersScorer.score
-    width_of = getattr(scoring, "padded_width", lambda n: n)
 
     def score(self: Any, items: Any, *args: Any, **kwargs: Any) -> Any:
         tally.calls += 1
         return real_score(self, items, *args, **kwargs)
 
     def batch(self: Any, items: Any, shared: int = 0, prefix: Any = None) -> Ready:
-        width = width_of(max(len(r.input_ids) for r in items) - shared)
+        width = max(len(r.input_ids) for r in items) - shared
         tally.passes.append((len(items), width, shared + width, sum(len(r.input_ids) - shared for r in items)))
         self.positions_run += len(items) * width
         return Ready(Score(-float(r.n_tokens), r.n_tokens) for r in items)
