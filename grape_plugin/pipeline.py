@@ -1,6 +1,7 @@
 """The one way through for the instructions of a run: render -> score -> select, a chunk at a time, each rank its
-own share. Reading and grouping is ``formats.py``, writing ``output.py``, and ``host.py`` drives it all for every
-host (the CLI's files, Axolotl, LLaMA-Factory, notebooks).
+own share; the next chunk is read, rendered and looked up in the cache while the scorer works on the current one.
+Reading and grouping is ``formats.py``, writing ``output.py``, and ``host.py`` drives it all for every host (the
+CLI's files, Axolotl, LLaMA-Factory, notebooks).
 """
 
 from __future__ import annotations
@@ -129,8 +130,9 @@ def resolve(groups: Sequence[Group], load: Loader, run: RunContext) -> Resolved:
 
 def score(here: Resolved, run: RunContext, bar: Any) -> Share:
     """Score the candidates of every group that needs it, those the cache does not hold, in one score call; each
-    batch's scores reach the cache as the scorer finishes it. The scorer loads its weights only when something is
-    left to score. Each score's fit is computed here; the per-token arrays are kept only with ``run.keep_arrays``."""
+    batch's scores reach the cache as the scorer finishes it. The scorer loads its weights (timed as the ``load``
+    stage) only when something is left to score. Each score's fit is computed here; the per-token arrays are kept
+    only with ``run.keep_arrays``."""
     cfg, cache, fit, keep = run.cfg, run.cache, run.parts.fit, run.cfg.keep_token_scores
     items, known = here.items, here.known
     mine = [(g.key, c.index) for g in here.groups if needs_scores(g, cfg) for c in g.candidates]
@@ -146,6 +148,8 @@ def score(here: Resolved, run: RunContext, bar: Any) -> Share:
 
     fresh: dict[RenderedKey, Score] = {}
     if todo:
+        run.scorer.load()
+        run.clock.lap("load")
         got = score_items(run.scorer, [items[w] for w in todo], bar.update, commit)
         fresh = {w: kept_part(s, keep) for w, s in zip(todo, got)}
     scores = {**found, **fresh}
@@ -172,17 +176,29 @@ def score_items(scorer: Scorer, items: list[Rendered], progress: Callable[[int],
 
 
 def score_share(groups: Sequence[Group], load: Loader, run: RunContext) -> Share:
-    """Render and score ``groups`` a few thousand candidates at a time, so that only one chunk's texts and token
-    ids are in memory at once."""
+    """Render and score ``groups`` a few thousand candidates at a time, so that at most two chunks' texts and token
+    ids are in memory at once: while the scorer works on one chunk, a worker thread reads, renders and looks up the
+    next (the tokenizer and torch release the GIL). The ``render`` stage is the time the scorer waited for it."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     from tqdm.auto import tqdm
 
     from .datafiles import release_memory
 
     kept, scores, fits, drops, tally = [], {}, {}, Drops(), [0] * 5
+    chunks = group_chunks(groups, SHARE_CHUNK)
     # disable=None: tqdm shows the bar only on a terminal, so logs get none
-    with tqdm(total=0, unit="tok", desc="scoring", disable=True if rank_world()[0] else None) as bar:
-        for chunk in group_chunks(groups, SHARE_CHUNK):
-            here = resolve(chunk, load, run)
+    with tqdm(total=0, unit="tok", desc="scoring", disable=True if rank_world()[0] else None) as bar, \
+            ThreadPoolExecutor(1, thread_name_prefix="grape-render") as worker:  # fmt: skip
+
+        def ahead() -> Optional[Future[Resolved]]:
+            chunk = next(chunks, None)
+            return None if chunk is None else worker.submit(resolve, chunk, load, run)
+
+        coming = ahead()
+        while coming is not None:
+            here = coming.result()
+            coming = ahead()
             run.clock.lap("render")
             part = score(here, run, bar)
             run.clock.lap("score")
@@ -192,6 +208,7 @@ def score_share(groups: Sequence[Group], load: Loader, run: RunContext) -> Share
             drops += part.drops
             tally = [a + b for a, b in zip(tally, part.counts)]
             if here.items:
+                del here, part
                 release_memory()  # the chunk's texts and token ids
     return Share(kept, scores, fits, drops, *tally)
 
