@@ -175,8 +175,10 @@ class TransformersScorer:
         self.cuda = self.head.weight.device.type == "cuda"
         self.share = self.share_option if self.share_option is not None else not self.cuda
         self.min_fill = GPU_MIN_FILL if self.cuda else 0.0
-        block = HEAD_BLOCK_BYTES["cuda" if self.cuda else "cpu"]
-        self.head_rows = max(1, block // (4 * self.head.weight.shape[0]))
+        rows = HEAD_BLOCK_BYTES["cuda" if self.cuda else "cpu"] // (4 * self.head.weight.shape[0])
+        # a row of the head's logits takes about what 8 tokens of the body take (an 8B model, 128k vocabulary): a
+        # block of at most an eighth of the batch's tokens stays within the memory the batch tokens allow
+        self.head_rows = max(1, min(rows, self.batch_tokens // 8))
         # transformers renamed ``past_key_values`` to ``cache``; the host frameworks pin releases on both sides
         self.cache_kwarg = "cache" if "cache" in inspect.signature(self.body.forward).parameters else "past_key_values"
 
