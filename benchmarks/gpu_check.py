@@ -14,8 +14,14 @@ exactness   the real SmolLM2-135M (the embedded GGUF exported to a folder; --smo
             workloads of bench_scoring.py; then bf16: how often it keeps the same winner.
 throughput  a Llama with Llama-3.1-8B's dimensions and random weights (the same FLOPs per token, nothing to
             download; --smoke: a tiny one), bf16: the peers' way (one pair at a time, full-vocabulary logits),
-            plain padded batches and grape-plugin (padded and packed): tokens/s, ratios and model FLOPs
-            utilisation (the FLOPs the scores need, over the time, over 989 TFLOP/s of dense bf16).
+            plain padded batches and grape-plugin (its defaults, packed, and with shared prompts): tokens/s,
+            ratios and model FLOPs utilisation (the FLOPs the scores need, over the time, over 989 TFLOP/s of
+            dense bf16).
+end to end  the same model saved to local disk, then `grape-plugin select` run in-process on the first 200
+            instructions of the pool (--smoke: 3) with the defaults, the score cache off and the throughput
+            runs' --batch-tokens: score-stage tokens/s, the fraction of it the device was busy (CUDA events
+            from each forward pass's first kernel to its last), forward passes, distinct shapes, and the ratio
+            to grape-plugin's `pool` throughput.
 memory      peak GPU memory at two --batch-tokens, against weights + the activations the budget allows; then a
             batch that cannot fit (all pairs at once under a memory cap) must back off and give the same scores.
 kernels     the attention implementation and the SDPA kernels the profiler saw; flash-attention when importable.
@@ -34,6 +40,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -49,7 +56,8 @@ from grape_plugin.models import LoadedModel, embedded_smollm2, export_model, loa
 from grape_plugin.scoring import TransformersScorer, shared_prefixes  # noqa: E402
 
 PEAK_BF16_FLOPS = 989e12  # H100/H200 SXM, dense bf16
-TARGETS = {"exact": 1e-4, "bf16_agreement": 0.98, "mfu_pool": 0.40, "pool_vs_peer": 1.5, "prefix_vs_peer": 4.0}
+TARGETS = {"exact": 1e-4, "bf16_agreement": 0.98, "mfu_pool": 0.50, "pool_vs_peer": 1.5, "pool_vs_padded": 1.0,
+           "prefix_vs_peer": 4.0, "e2e_vs_pool": 0.9, "e2e_gpu_busy": 0.9}  # fmt: skip
 LLAMA_31_8B = dict(  # meta-llama/Llama-3.1-8B's config.json (its llama3 rope scaling leaves the FLOPs unchanged)
     vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
     num_key_value_heads=8, max_position_embeddings=131072, rope_theta=500000.0, rms_norm_eps=1e-5,
@@ -70,11 +78,12 @@ class Sizes:
     batch_tokens: tuple[int, int]  # the throughput runs use the first
     repeats: int
     candidates: int  # per instruction (the pool has 8)
+    end_to_end_instructions: int
     llama: dict = field(repr=False)
 
 
-FULL = Sizes(50, 16, 512, (16384, 65536), 3, 8, LLAMA_31_8B)
-SMOKE = Sizes(1, 1, 256, (1024, 4096), 1, 3, TINY_LLAMA)  # the prefix workload needs max_length >= 256
+FULL = Sizes(50, 16, 512, (16384, 65536), 3, 8, 200, LLAMA_31_8B)
+SMOKE = Sizes(1, 1, 256, (1024, 4096), 1, 3, 3, TINY_LLAMA)  # the prefix workload needs max_length >= 256
 
 
 class Log:
@@ -267,9 +276,9 @@ def throughput(model: Any, tok: Any, sizes: Sizes, pool: Path, log: Log) -> dict
             f"{flops / tokens / 1e9:.3g} GFLOP per token needed, {model.dtype}")
         rows = {"peer": timed(lambda xs: naive(model, xs), items, sizes.repeats),
                 "padded": timed(lambda xs: padded(model, xs), items, sizes.repeats)}
-        for label, pack in (("ours", None), ("ours pack", True)):
-            scorer = make_scorer(model, tok, bt, pack=pack)
-            rows[label] = timed(scorer.score, items, sizes.repeats)
+        for label, options in (("ours", {}), ("ours pack", {"pack": True}),
+                               ("ours shared", {"share_prefixes": True})):  # fmt: skip
+            rows[label] = timed(make_scorer(model, tok, bt, **options).score, items, sizes.repeats)
         res = {}
         for label, r in rows.items():
             seconds = tokens / r["tok_s"]
@@ -281,6 +290,97 @@ def throughput(model: Any, tok: Any, sizes: Sizes, pool: Path, log: Log) -> dict
         res["ours"]["vs_padded"] = rows["ours"]["tok_s"] / rows["padded"]["tok_s"]
         out[name] = {"pairs": len(items), "tokens": tokens, "flops": flops, "methods": res}
     return out
+
+
+class Probe:
+    """While active, counts the transformers scorer's forward passes by shape (rows, query length, key length) and
+    the time the device spent on them: on CUDA, events from each pass's first kernel to its last (gaps between
+    passes, where the device waits for the host, are not counted); elsewhere the wall time inside each pass."""
+
+    def __init__(self) -> None:
+        self.shapes: Counter[tuple[int, int, int]] = Counter()
+        self.events: list[tuple[Any, Any]] = []
+        self.host_s = 0.0
+
+    def __enter__(self) -> "Probe":
+        cls, probe = TransformersScorer, self
+        self.saved = batch, prompt = cls._score_batch, cls._prefix_cache
+
+        def score_batch(scorer: Any, items: list[Any], shared: int = 0, prefix: Any = None) -> Any:
+            width = max(len(r.input_ids) for r in items) - shared
+            probe.shapes[(1, sum(len(r.input_ids) for r in items), 0) if scorer.pack and not shared
+                         else (len(items), width, shared + width)] += 1  # fmt: skip
+            return probe.timed(lambda: batch(scorer, items, shared, prefix))
+
+        def prefix_cache(scorer: Any, ids: Any) -> Any:
+            probe.shapes[(1, len(ids), len(ids))] += 1
+            return probe.timed(lambda: prompt(scorer, ids))
+
+        cls._score_batch, cls._prefix_cache = score_batch, prefix_cache
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        TransformersScorer._score_batch, TransformersScorer._prefix_cache = self.saved
+
+    def timed(self, fn: Callable[[], Any]) -> Any:
+        if not torch.cuda.is_available():
+            at = time.perf_counter()
+            out = fn()
+            self.host_s += time.perf_counter() - at
+            return out
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn()
+        end.record()
+        self.events.append((start, end))
+        return out
+
+    def busy_s(self) -> float:
+        sync()
+        return sum(s.elapsed_time(e) for s, e in self.events) / 1e3 if self.events else self.host_s
+
+
+def end_to_end(model: Any, tok: Any, sizes: Sizes, pool: Path, tmp: Path, pool_tok_s: Optional[float],
+               log: Log) -> dict:  # fmt: skip
+    """``grape-plugin select`` in-process, as a user runs it, on the first instructions of the pool with the
+    throughput model saved to local disk (``tmp``): the score cache off, the throughput runs' --batch-tokens and
+    dtype. The device counts as busy inside forward passes (``Probe``), host work there included."""
+    from grape_plugin.cli import main as cli
+
+    folder, data, out = tmp / "end-to-end-model", tmp / "end-to-end.jsonl", tmp / "end-to-end-out"
+    at = time.monotonic()
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    saved_s = time.monotonic() - at
+    ids: set[str] = set()
+    with open(pool, encoding="utf-8") as src, open(data, "w", encoding="utf-8") as dst:
+        for line in src:
+            key = json.loads(line)["id"]
+            if key not in ids and len(ids) == sizes.end_to_end_instructions:
+                break
+            ids.add(key)
+            dst.write(line)
+    dtype = "bf16" if model.dtype == torch.bfloat16 else "fp32"
+    argv = ["select", str(data), "--model", str(folder), "--dtype", dtype, "--batch-tokens", str(sizes.batch_tokens[0]),
+            "--no-cache", "-o", str(out)]  # fmt: skip
+    with Probe() as probe:
+        at = time.monotonic()
+        if cli(argv):
+            raise RuntimeError(f"grape-plugin {' '.join(argv)} failed")
+        seconds = time.monotonic() - at
+    report = json.loads((out / "report.json").read_text(encoding="utf-8"))
+    stages, tokens = report["stages"], report["tokens_scored"]
+    res = {"instructions": len(ids), "candidates": report["scored"], "tokens": tokens, "save_s": saved_s,
+           "seconds": seconds, "stages": stages, "tok_s": tokens / stages["score"],
+           "gpu_busy": min(1.0, probe.busy_s() / stages["score"]),  # stages are rounded to ms
+           "passes": sum(probe.shapes.values()), "shapes": len(probe.shapes),
+           "vs_pool": tokens / stages["score"] / pool_tok_s if pool_tok_s else None}  # fmt: skip
+    log(f"  saved in {saved_s:.0f} s; select: {res['instructions']} instructions, {res['candidates']} candidates, "
+        f"{tokens} tokens in {seconds:.1f} s (" + ", ".join(f"{k} {v:.1f} s" for k, v in stages.items()) + ")")
+    log(f"  score stage {res['tok_s']:.0f} tok/s"
+        + (f" (x{res['vs_pool']:.2f} the pool throughput)" if res["vs_pool"] else "")
+        + f", device busy {res['gpu_busy']:.1%} of it, {res['passes']} forward passes, {res['shapes']} distinct shapes")
+    return res
 
 
 def memory(model: Any, tok: Any, sizes: Sizes, pool: Path, log: Log) -> dict:
@@ -296,7 +396,7 @@ def memory(model: Any, tok: Any, sizes: Sizes, pool: Path, log: Log) -> dict:
         torch.cuda.reset_peak_memory_stats()
         make_scorer(model, tok, bt).score(items)
         peak = torch.cuda.max_memory_allocated()
-        bound = weights + bt * per_token + (1 << 29)  # + 512 MiB: head chunks, masks, the allocator's slack
+        bound = weights + bt * per_token + (1 << 29)  # + 512 MiB: masks, the allocator's slack
         out["runs"].append(
             {"batch_tokens": bt, "peak_gib": peak / 2**30, "bound_gib": bound / 2**30, "ok": peak <= bound})
         log(f"  --batch-tokens {bt:6d}: peak {peak / 2**30:.2f} GiB (weights {weights / 2**30:.2f} + "
@@ -480,6 +580,9 @@ def main(argv: Optional[list[str]] = None) -> dict:
     model = part("random_llama", lambda: random_llama(sizes.llama, device, dtype))
     if model is not None and tok is not None:
         part("throughput", throughput, model, tok, sizes, pool, log)
+        micro = res.get("throughput")
+        pool_tok_s = micro["pool"]["methods"]["ours"]["tok_s"] if isinstance(micro, dict) else None
+        part("end_to_end", end_to_end, model, tok, sizes, pool, work, pool_tok_s, log)
         if cuda:
             part("memory", memory, model, tok, sizes, pool, log)
             part("oom_backoff", oom_backoff, model, tok, sizes, pool, log)
@@ -519,6 +622,12 @@ def summary(res: dict) -> dict[str, Any]:
         "prefix_vs_peer": get("throughput", tput("prefix", "ours", "vs_peer"), "{:.2f}"),
         "mfu_pool": get("throughput", tput("pool", "ours", "mfu"), "{:.3g}"),
         "mfu_pool_pack": get("throughput", tput("pool", "ours pack", "mfu"), "{:.3g}"),
+        "prefix_shared_vs_peer": get("throughput", tput("prefix", "ours shared", "vs_peer"), "{:.2f}"),
+        "e2e_tok_s": get("end_to_end", lambda e: e["tok_s"], "{:.0f}"),
+        "e2e_vs_pool": get("end_to_end", lambda e: "skipped" if e["vs_pool"] is None else f"{e['vs_pool']:.2f}"),
+        "e2e_gpu_busy": get("end_to_end", lambda e: e["gpu_busy"], "{:.3f}"),
+        "e2e_passes": get("end_to_end", lambda e: e["passes"]),
+        "e2e_shapes": get("end_to_end", lambda e: e["shapes"]),
         "peak_gib": get("memory", lambda m: ",".join(f"{r['peak_gib']:.2f}" for r in m["runs"])),
         "mem_ok": get("memory", lambda m: m["ok"]),
         "oom_backoff": get("oom_backoff", lambda o: "ok" if o["ok"] else f"failed(ooms={o['ooms']})"),
@@ -530,7 +639,8 @@ def summary(res: dict) -> dict[str, Any]:
     def at_least(key: str) -> bool:
         return s[key] not in ("skipped", "error") and float(s[key]) >= TARGETS[key]
 
-    met = {key: at_least(key) for key in ("bf16_agreement", "mfu_pool", "pool_vs_peer", "prefix_vs_peer")}
+    met = {key: at_least(key) for key in ("bf16_agreement", "mfu_pool", "pool_vs_peer", "pool_vs_padded",
+                                          "prefix_vs_peer", "e2e_vs_pool", "e2e_gpu_busy")}
     met.update(exact=s["exact_ok"] == "True", mem=s["mem_ok"] == "True", oom_backoff=s["oom_backoff"] == "ok")
     s["targets_met"] = f"{sum(met.values())}/{len(met)}"
     s["errors"] = len(res["errors"])

@@ -23,6 +23,7 @@ import mmap
 import os
 import socket
 import struct
+import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -138,6 +139,7 @@ class ScoreCache:
         self._index: Optional[dict[bytes, Located]] = None
         self._files: list[Path] = []
         self.synced = time.monotonic()
+        self.lock = threading.Lock()  # the pipeline renders the next chunk (outcomes) while it commits scores
         if (cache_dir / f"{name}.sqlite").exists():
             log.info("score cache: %s is an older SQLite cache; ignored (its scores are computed again)",
                      cache_dir / f"{name}.sqlite")  # fmt: skip
@@ -184,12 +186,13 @@ class ScoreCache:
         data = b"".join(encode(k, e) for k, e in pairs)
         if not data:
             return
-        if self.out is None:
-            self.out = self._create()
-        self.out.write(data)
-        self.out.flush()
-        if time.monotonic() - self.synced > SYNC_SECONDS:
-            self.sync()
+        with self.lock:
+            if self.out is None:
+                self.out = self._create()
+            self.out.write(data)
+            self.out.flush()
+            if time.monotonic() - self.synced > SYNC_SECONDS:
+                self.sync()
 
     def sync(self) -> None:
         if self.out is not None:

@@ -1,13 +1,15 @@
 """The plugins a run uses, resolved once when it starts: stages get objects, never names.
 
-Each plugin kind has a protocol (see docs/plugins.md): required members, and optional ones with a default. A
-plugin that lacks a required member is refused with one line naming the plugin, the member and the protocol; one
-that lacks an optional member gets its default, so a plugin written against an older protocol keeps working.
+Each plugin kind has a protocol (see docs/plugins.md): required members, optional ones with a default, and
+optional keyword parameters of its methods. A plugin that lacks a required member is refused with one line naming
+the plugin, the member and the protocol; one that lacks an optional member gets its default, and a method without
+an optional parameter is called without it, so a plugin written against an older protocol keeps working.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import inspect
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Mapping, Optional
 
 from . import plugins
@@ -22,15 +24,18 @@ HOST_TEMPLATE = "train"  # a host's own tokens and labels: the default template 
 
 @dataclass(frozen=True)
 class Protocol:
-    """A plugin kind's members: the required ones, and the optional ones with their defaults."""
+    """A plugin kind's members: the required ones, the optional ones with their defaults, and the optional keyword
+    parameters of its methods (by method)."""
 
     name: str
     required: tuple[str, ...]
     optional: Mapping[str, Any]
+    keywords: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 SCORER = Protocol("Scorer", ("tokenizer", "identity", "score"),
-                  {"context_length": None, "loaded": None, "about": {}, "close": lambda: None})  # fmt: skip
+                  {"context_length": None, "loaded": None, "about": {}, "load": lambda: None, "close": lambda: None},
+                  {"score": ("done",)})  # fmt: skip
 RENDERER = Protocol("Renderer", ("__call__",), {"key": None, "render_many": None})
 FORMAT = Protocol("Format", ("name", "detect", "read_row", "selected"),
                   {"needs": "its columns", "selected_reads_texts": True, "options": frozenset({"source_column"}),
@@ -41,18 +46,16 @@ METRIC = Protocol("Metric", ("fit",), {"needs": ()})
 
 
 class Conformed:
-    """A plugin object seen through its protocol: its own members, else the protocol's defaults."""
+    """A plugin object seen through its protocol: the defaults of the members it lacks, its methods that lack an
+    optional parameter adapted, and its own members otherwise."""
 
-    def __init__(self, obj: Any, defaults: Mapping[str, Any]):
-        self._obj, self._defaults = obj, defaults
+    def __init__(self, obj: Any, given: Mapping[str, Any]):
+        self._obj, self._given = obj, given
 
     def __getattr__(self, name: str) -> Any:
-        try:
-            return getattr(self._obj, name)
-        except AttributeError:
-            if name in self._defaults:
-                return self._defaults[name]
-            raise
+        if name in self._given:
+            return self._given[name]
+        return getattr(self._obj, name)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self._obj(*args, **kwargs)
@@ -65,8 +68,30 @@ def conform(obj: Any, protocol: Protocol, plugin: str) -> Any:
         if not hasattr(obj, member):
             raise GrapeError(f"plugin '{plugin}': {type(obj).__name__} has no '{member}', which the {protocol.name} "
                              f"protocol requires (docs/plugins.md)")  # fmt: skip
-    missing = {k: v for k, v in protocol.optional.items() if not hasattr(obj, k)}
-    return Conformed(obj, missing) if missing else obj
+    given = {k: v for k, v in protocol.optional.items() if not hasattr(obj, k)}
+    for method, names in protocol.keywords.items():
+        lacking = tuple(n for n in names if not takes(getattr(obj, method), n))
+        if lacking:
+            given[method] = without(getattr(obj, method), lacking)
+    return Conformed(obj, given) if given else obj
+
+
+def takes(fn: Callable[..., Any], name: str) -> bool:
+    """Whether ``fn`` accepts the keyword argument ``name``."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):  # no signature to read (a builtin): assume it does
+        return True
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def without(fn: Callable[..., Any], names: tuple[str, ...]) -> Callable[..., Any]:
+    """``fn`` called without the keyword arguments ``names``."""
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return fn(*args, **{k: v for k, v in kwargs.items() if k not in names})
+
+    return call
 
 
 def pick(kind: str, name: str) -> Any:

@@ -113,13 +113,13 @@ class BaseHost:
         """The scorer of a host that loads the model itself: ``weights`` are (path or hub id, revision), the base
         model first, then adapters; ``settings`` are the host's options that change the loaded model."""
         from .models import ModelSpec, weights_identity
-        from .scoring import TransformersScorer
+        from .scoring import configured
 
         (name, revision), names = weights[0], [weights_identity(n, r) for n, r in weights]
         identity = "|".join([host, *names, json.dumps({k: str(v) for k, v in settings.items()}, sort_keys=True)])
         about = {"name": name, "revision": revision, "adapters": [n for n, _ in weights[1:]] or None,
                  "dtype": str(settings.get("dtype", self.cfg.dtype))}  # fmt: skip
-        return TransformersScorer(ModelSpec(name, tokenizer, identity, load, None, about), self.cfg.batch_tokens)
+        return configured(ModelSpec(name, tokenizer, identity, load, None, about), self.cfg)
 
     @staticmethod
     def options(block: Any, defaults: Mapping[str, Any], where: str, hints: Mapping[str, str]) -> GrapeConfig:

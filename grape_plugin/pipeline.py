@@ -1,6 +1,7 @@
 """The one way through for the instructions of a run: render -> score -> select, a chunk at a time, each rank its
-own share. Reading and grouping is ``formats.py``, writing ``output.py``, and ``host.py`` drives it all for every
-host (the CLI's files, Axolotl, LLaMA-Factory, notebooks).
+own share; the next chunk is read, rendered and looked up in the cache while the scorer works on the current one.
+Reading and grouping is ``formats.py``, writing ``output.py``, and ``host.py`` drives it all for every host (the
+CLI's files, Axolotl, LLaMA-Factory, notebooks).
 """
 
 from __future__ import annotations
@@ -8,20 +9,19 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from .cache import Entry, ScoreCache, cached_entries, item_key, kept_part, open_cache, render_prefix, text_keys, usable
-from .components import Components
+from .components import SCORER, Components, conform
 from .config import GrapeConfig
 from .distributed import agreed, gather, rank_world, shard
 from .records import Drops, Grouped, GroupOutline, Loader, Reason, Results, Score, Selection, Share, Stats
 from .render import Rendered, RenderedKey, Renderer, group_chunks, render_groups
-from .scoring import Scorer
+from .scoring import Done, Scorer
 from .selection import choose, needs_scores
 from .version import __version__
 
-COMMIT_BATCHES = 8  # about this many full batches are scored between two cache commits
-SHARE_CHUNK = 4096  # candidates loaded, rendered and scored at a time
+SHARE_CHUNK = 4096  # candidates loaded, rendered and scored at a time (one score call each)
 
 
 class Stopwatch:
@@ -129,9 +129,10 @@ def resolve(groups: Sequence[GroupOutline], load: Loader, run: RunContext) -> Re
 
 
 def score(here: Resolved, run: RunContext, bar: Any) -> Share:
-    """Score the candidates of every group that needs it, those the cache does not hold, appending to the cache.
-    The scorer loads its weights only when something is left to score. Each score's fit is computed here; the
-    per-token arrays are kept only with ``run.keep_arrays``."""
+    """Score the candidates of every group that needs it, those the cache does not hold, in one score call; each
+    batch's scores reach the cache as the scorer finishes it. The scorer loads its weights (timed as the ``load``
+    stage) only when something is left to score. Each score's fit is computed here; the per-token arrays are kept
+    only with ``run.keep_arrays``."""
     cfg, cache, fit, keep = run.cfg, run.cache, run.parts.fit, run.cfg.keep_token_scores
     items, known = here.items, here.known
     mine = [(g.key, c.index) for g in here.groups if needs_scores(g, cfg) for c in g.candidates]
@@ -139,30 +140,64 @@ def score(here: Resolved, run: RunContext, bar: Any) -> Share:
     todo = [w for w in mine if w not in found]
     size = lambda ws: sum(here.n_ids(w) for w in ws)  # noqa: E731
     bar.total += size(todo)
-    fresh: dict[RenderedKey, Score] = {}
-    for chunk in commit_chunks(todo, items, COMMIT_BATCHES * cfg.batch_tokens):
-        got = [kept_part(s, keep) for s in run.scorer.score([items[w] for w in chunk], progress=bar.update)]
-        fresh.update(zip(chunk, got))
+
+    def commit(indices: Sequence[int], got: Sequence[Score]) -> None:
         if cache:
-            cache.put_many((here.keys[w], Entry(s, len(items[w].input_ids), w in here.cut)) for w, s in zip(chunk, got))
+            cache.put_many((here.keys[w], Entry(kept_part(s, keep), len(items[w].input_ids), w in here.cut))
+                           for w, s in zip((todo[i] for i in indices), got))  # fmt: skip
+
+    fresh: dict[RenderedKey, Score] = {}
+    if todo:
+        run.scorer.load()
+        run.clock.lap("load")
+        got = score_items(run.scorer, [items[w] for w in todo], bar.update, commit)
+        fresh = {w: kept_part(s, keep) for w, s in zip(todo, got)}
     scores = {**found, **fresh}
     results = Results.of((w, s if run.keep_arrays else s.without_tokens(), fit(s)) for w, s in scores.items())
     return Share(list(here.groups), results, here.drops, len(here.cut), len(todo), len(found), size(todo),
                  size((g.key, c.index) for g in here.groups for c in g.candidates))  # fmt: skip
 
 
+def score_items(scorer: Scorer, items: list[Rendered], progress: Callable[[int], None], commit: Done) -> list[Score]:
+    """``scorer.score(items)``, each batch's scores handed to ``commit(indices, scores)`` as the scorer finishes
+    it; what it did not hand over (a scorer without ``done``) is committed when it returns."""
+    committed: set[int] = set()
+
+    def done(indices: Sequence[int], got: Sequence[Score]) -> None:
+        committed.update(indices)
+        commit(indices, got)
+
+    got = scorer.score(items, progress=progress, done=done)
+    rest = [i for i in range(len(items)) if i not in committed]
+    if rest:
+        commit(rest, [got[i] for i in rest])
+    return got
+
+
 def score_share(groups: Sequence[GroupOutline], load: Loader, run: RunContext) -> Share:
-    """Render and score ``groups`` a few thousand candidates at a time, so that only one chunk's texts and token
-    ids are in memory at once."""
+    """Render and score ``groups`` a few thousand candidates at a time, so that at most two chunks' texts and token
+    ids are in memory at once: while the scorer works on one chunk, a worker thread reads, renders and looks up the
+    next (the tokenizer and torch release the GIL). The ``render`` stage is the time the scorer waited for it."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
     from tqdm.auto import tqdm
 
     from .datafiles import release_memory
 
     kept, results, drops, tally = [], Results(), Drops(), [0] * 5
+    chunks = group_chunks(groups, SHARE_CHUNK)
     # disable=None: tqdm shows the bar only on a terminal, so logs get none
-    with tqdm(total=0, unit="tok", desc="scoring", disable=True if rank_world()[0] else None) as bar:
-        for chunk in group_chunks(groups, SHARE_CHUNK):
-            here = resolve(chunk, load, run)
+    with tqdm(total=0, unit="tok", desc="scoring", disable=True if rank_world()[0] else None) as bar, \
+            ThreadPoolExecutor(1, thread_name_prefix="grape-render") as worker:  # fmt: skip
+
+        def ahead() -> Optional[Future[Resolved]]:
+            chunk = next(chunks, None)
+            return None if chunk is None else worker.submit(resolve, chunk, load, run)
+
+        coming = ahead()
+        while coming is not None:
+            here = coming.result()
+            coming = ahead()
             run.clock.lap("render")
             part = score(here, run, bar)
             run.clock.lap("score")
@@ -171,6 +206,7 @@ def score_share(groups: Sequence[GroupOutline], load: Loader, run: RunContext) -
             drops += part.drops
             tally = [a + b for a, b in zip(tally, part.counts)]
             if here.items:
+                del here, part
                 release_memory()  # the chunk's texts and token ids
     return Share(kept, results, drops, *tally)
 
@@ -178,20 +214,6 @@ def score_share(groups: Sequence[GroupOutline], load: Loader, run: RunContext) -
 def text_size(group: GroupOutline) -> int:
     """An estimate of a group's tokens before rendering: its characters, the prompt once per candidate."""
     return sum(c.chars for c in group.candidates)
-
-
-def commit_chunks(todo: list[RenderedKey], items: dict[RenderedKey, Rendered], tokens: int) -> Iterator[list[RenderedKey]]:
-    """Whole instructions (so the scorer can share their prompt) in chunks of about ``tokens`` tokens."""
-    chunk: list[RenderedKey] = []
-    size = 0
-    for n, w in enumerate(todo):
-        if size >= tokens and w[0] != todo[n - 1][0]:
-            yield chunk
-            chunk, size = [], 0
-        chunk.append(w)
-        size += len(items[w].input_ids)
-    if chunk:
-        yield chunk
 
 
 def made_by(parts: Components, scorer: Scorer) -> dict[str, Any]:
@@ -220,7 +242,7 @@ def run_groups(
     started = time.perf_counter()
     parts = parts if isinstance(parts, Components) else Components.of(parts)
     cfg, own_scorer, clock = parts.cfg, scorer is None, Stopwatch()
-    scorer = scorer or parts.make_scorer()
+    scorer = parts.make_scorer() if scorer is None else conform(scorer, SCORER, "the given scorer")
     try:
         cache = open_cache(cfg.cache_dir, scorer.identity, rank_world()[0])
         run = RunContext(parts, scorer, renderer or parts.make_renderer(scorer), cache, clock, file,

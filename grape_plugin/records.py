@@ -323,7 +323,7 @@ class Stats:
     scored_by_this_rank: int = 0
     model_loaded: bool = False  # on this rank
     seconds: float = 0.0
-    stages: Mapping[str, float] = field(default_factory=dict)  # seconds per stage: render, score, gather, select
+    stages: Mapping[str, float] = field(default_factory=dict)  # seconds per stage: render, load, score, gather, select
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

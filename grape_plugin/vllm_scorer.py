@@ -43,13 +43,17 @@ class VLLMScorer:
     def loaded(self) -> bool:
         return self.llm is not None
 
-    def score(self, items: Sequence[Rendered], progress: Optional[Callable[[int], None]] = None) -> list[Score]:
+    def load(self) -> None:
+        """Start vLLM with the model (once)."""
         from vllm import LLM, SamplingParams
 
         if self.llm is None:
             cfg = self.cfg
             self.llm = LLM(model=self.name, revision=cfg.revision, dtype=self.dtype, trust_remote_code=cfg.trust_remote_code)
             self.params = SamplingParams(max_tokens=1, prompt_logprobs=0)
+
+    def score(self, items: Sequence[Rendered], progress: Optional[Callable[[int], None]] = None) -> list[Score]:
+        self.load()
         prompts = [{"prompt_token_ids": r.input_ids.tolist()} for r in items]
         outputs = self.llm.generate(prompts, self.params, use_tqdm=False)
         scores = []

@@ -13,9 +13,9 @@ import gpu_check  # noqa: E402
 
 KEYS = [
     "device", "torch", "exact_max_diff", "exact_ok", "bf16_agreement", "nf4_agreement", "pool_tok_s", "pool_vs_peer",
-    "pool_vs_padded",
-    "prefix_vs_peer", "mfu_pool", "mfu_pool_pack", "peak_gib", "mem_ok", "oom_backoff", "attn", "sdpa_kernels",
-    "pack_kernels", "flash", "targets_met", "errors", "elapsed_s",
+    "pool_vs_padded", "prefix_vs_peer", "mfu_pool", "mfu_pool_pack", "prefix_shared_vs_peer", "e2e_tok_s",
+    "e2e_vs_pool", "e2e_gpu_busy", "e2e_passes", "e2e_shapes", "peak_gib", "mem_ok", "oom_backoff", "attn",
+    "sdpa_kernels", "pack_kernels", "flash", "targets_met", "errors", "elapsed_s",
 ]
 
 
@@ -31,8 +31,13 @@ def test_smoke_runs_the_whole_check_and_ends_with_one_machine_readable_line(tmp_
     for w in res["exactness"]["workloads"].values():
         assert w["max_diff_fp32_pack"] <= 1e-4 and w["same_winner_fp32"][0] == w["same_winner_fp32"][1]
     assert 0 <= float(fields["bf16_agreement"]) <= 1
-    for key in ("pool_tok_s", "pool_vs_peer", "pool_vs_padded", "prefix_vs_peer", "mfu_pool", "mfu_pool_pack"):
+    for key in ("pool_tok_s", "pool_vs_peer", "pool_vs_padded", "prefix_vs_peer", "mfu_pool", "mfu_pool_pack",
+                "prefix_shared_vs_peer", "e2e_tok_s", "e2e_vs_pool", "e2e_gpu_busy"):
         assert float(fields[key]) > 0, key
+    # the end-to-end select: one forward pass per batch, every candidate of its instructions scored
+    e2e = res["end_to_end"]
+    assert e2e["instructions"] == gpu_check.SMOKE.end_to_end_instructions and e2e["candidates"] > 0
+    assert 1 <= int(fields["e2e_shapes"]) <= int(fields["e2e_passes"]) and float(fields["e2e_gpu_busy"]) <= 1
     # every method scores the same pairs the same way (bf16 or fp32 model alike)
     for w in res["throughput"].values():
         assert all(m["max_diff_vs_peer"] < 0.05 for m in w["methods"].values())

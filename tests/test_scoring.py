@@ -109,6 +109,27 @@ def test_token_batches_respect_the_budget():
         assert 1 - sum(lengths) / (max(lengths) * len(lengths)) <= 0.25
 
 
+def test_a_gpu_batch_is_cut_for_padding_only_once_it_is_half_full():
+    items = [Rendered(tuple(range(n)), 1, n) for n in (100, 60, 59, 58, 57, 20)]
+    assert list(token_batches(items, 1000, max_padding=0.04)) == [[0], [1, 2, 3, 4], [5]]
+    assert list(token_batches(items, 1000, max_padding=0.04, min_fill=0.5)) == [[0, 1, 2, 3, 4], [5]]
+
+
+def test_one_pass_hands_each_batch_over_once_and_keeps_arrays_only_when_asked(loaded, spec):
+    render = paper_renderer(loaded.tokenizer)
+    rows = pool_rows(2)
+    items = [render_pair(render, [{"role": "user", "content": r["instruction"]}], r["output"][:300]) for r in rows]
+    handed, tokens = [], []
+    full = TransformersScorer(spec, batch_tokens=600).score(items, progress=tokens.append,
+                                                             done=lambda i, s: handed.append((list(i), list(s))))
+    assert len(handed) > 2 and sorted(i for batch, _ in handed for i in batch) == list(range(len(items)))
+    assert all(full[i] == s for batch, scores in handed for i, s in zip(batch, scores))
+    assert sum(tokens) == sum(len(i.input_ids) for i in items)
+    lean = TransformersScorer(spec, batch_tokens=600, token_scores=False).score(items)
+    assert all(s.token_logprobs is None and s.token_ranks is None for s in lean)
+    assert all(a.n_tokens == b.n_tokens and abs(a.mean - b.mean) < 1e-6 for a, b in zip(full, lean))
+
+
 def test_out_of_memory_halves_the_batch(loaded, spec, monkeypatch):
     scorer = TransformersScorer(spec, batch_tokens=100_000, max_padding=1.0)
     render = paper_renderer(loaded.tokenizer)

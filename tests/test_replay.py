@@ -1,0 +1,25 @@
+"""The batching replay: a whole select's forward passes recorded without a model, as on CUDA and as on a CPU."""
+
+from __future__ import annotations
+
+import sys
+
+from tests.helpers import ROOT
+
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import replay_batches  # noqa: E402
+
+KEYS = ["tokens", "score_calls", "passes", "prompt_passes", "one_row", "median_batch_tokens", "shapes", "padding",
+        "cpu_passes", "cpu_shapes", "cpu_padding"]  # fmt: skip
+
+
+def test_one_score_call_and_no_shared_prompts_on_cuda(pool_file, tiny_model, capsys):
+    runs = replay_batches.main(["--data", str(pool_file), "--tokenizer", str(tiny_model), "--batch-tokens", "4096"])
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    fields = dict(kv.split("=") for kv in last.split()[1:])
+    assert last.startswith("replay ") and list(fields) == KEYS
+    cuda, cpu = runs["cuda"], runs["cpu"]
+    assert cuda["score_calls"] == cpu["score_calls"] == 1  # the pool is one chunk
+    assert cuda["prompt_passes"] == 0 and cpu["prompt_passes"] > 0  # prompts are shared on CPUs only
+    assert cuda["positions"] >= cuda["tokens"] > cpu["positions"]  # sharing runs fewer positions
+    assert cuda["passes"] < cpu["passes"] and 0 <= cuda["padding"] < 0.2
