@@ -42,7 +42,8 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 from grape_plugin import GrapeConfig, run, write
-from grape_plugin.render import IGNORE_INDEX, Rendered, TextRenderer, chat_renderer, fit_length, paper_renderer, render_one
+from grape_plugin.render import (IGNORE_INDEX, Rendered, TextRenderer, chat_renderer, fit_length, paper_renderer,
+                                 render_one)  # fmt: skip
 
 ROOT = Path(__file__).resolve().parents[1]
 POOL = ROOT.parent / "shared" / "data" / "alpaca_eval_pool.jsonl"
@@ -122,8 +123,9 @@ def split(rows: Sequence[Row], n_train: int, n_heldout: int) -> tuple[list[Row],
     by_id: dict[str, list[Row]] = {}
     for row in rows:
         by_id.setdefault(str(row["id"]), []).append(row)
-    sides = [[i for i in by_id if held_out(i) == side] for side in (False, True)]
-    return tuple([r for i in (ids[:n] if n else ids) for r in by_id[i]] for ids, n in zip(sides, (n_train, n_heldout)))  # type: ignore[return-value]
+    train_ids, heldout_ids = ([i for i in by_id if held_out(i) == side] for side in (False, True))
+    first = lambda ids, n: [r for i in (ids[:n] if n else ids) for r in by_id[i]]  # noqa: E731
+    return first(train_ids, n_train), first(heldout_ids, n_heldout)
 
 
 def select_arm(pool: Path, out: Path, cfg: GrapeConfig) -> list[Row]:
@@ -256,7 +258,8 @@ def summarize(results: dict[str, dict[int, dict[str, Any]]]) -> dict[str, dict[s
 
 
 def best_minus_worst(results: dict[str, dict[int, dict[str, Any]]]) -> Interval:
-    return difference([r["heldout"] for r in results["best"].values()], [r["heldout"] for r in results["worst"].values()])
+    heldout = lambda arm: [r["heldout"] for r in results[arm].values()]  # noqa: E731
+    return difference(heldout("best"), heldout("worst"))
 
 
 def mix(rows: Sequence[Row]) -> str:
