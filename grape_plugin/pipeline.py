@@ -207,7 +207,7 @@ def score_share(groups: Sequence[GroupOutline], load: Loader, run: RunContext) -
             tally = [a + b for a, b in zip(tally, part.counts)]
             if here.items:
                 del here, part
-                release_memory()  # the chunk's texts and token ids
+                worker.submit(release_memory)  # the chunk's texts and token ids, given back while the next is scored
     return Share(kept, results, drops, *tally)
 
 
