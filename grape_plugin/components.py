@@ -36,7 +36,7 @@ class Protocol:
 SCORER = Protocol("Scorer", ("tokenizer", "identity", "score"),
                   {"context_length": None, "loaded": None, "about": {}, "load": lambda: None, "close": lambda: None},
                   {"score": ("done",)})  # fmt: skip
-RENDERER = Protocol("Renderer", ("__call__",), {"key": None, "render_many": None})
+RENDERER = Protocol("Renderer", ("__call__",), {"key": None, "render_many": None, "cut": None})
 FORMAT = Protocol("Format", ("name", "detect", "read_row", "selected"),
                   {"needs": "its columns", "selected_reads_texts": True, "options": frozenset({"source_column"}),
                    "field_options": frozenset(), "prepared": lambda rows, ctx: ctx, "check": lambda ctx, sample: None,

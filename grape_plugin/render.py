@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, partial
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence, TypeVar
 
 from .errors import GrapeError, input_error
@@ -195,11 +195,19 @@ def labelled_span(input_ids: Sequence[int], labels: Sequence[int]) -> Rendered:
     return Rendered(tuple(input_ids), start, end)
 
 
-def fit_length(item: Rendered, max_length: Optional[int], policy: str) -> Optional[Rendered]:
-    """Apply ``max_length``: ``drop`` returns None for a long sequence, ``truncate`` cuts the response."""
+def fit_length(
+    item: Rendered, max_length: Optional[int], policy: str, cut: Optional[Callable[[], Optional[Rendered]]] = None
+) -> Optional[Rendered]:
+    """Apply ``max_length``: ``drop`` returns None for a long sequence, ``truncate`` cuts the response, or makes
+    ``cut()`` (a host renderer's own truncation, None where it loses the response) when there is one."""
     if max_length is None or len(item.input_ids) <= max_length:
         return item
-    if policy == "truncate" and item.start < max_length:
+    if policy != "truncate":
+        return None
+    if cut is not None:
+        short = cut()
+        return short if short is not None and len(short.input_ids) <= max_length else None
+    if item.start < max_length:
         return Rendered(item.input_ids[:max_length].copy(), item.start, min(item.end, max_length))
     return None
 
@@ -259,13 +267,14 @@ def render_groups(
     """Render every candidate; apply ``max_length`` (drop or truncate, counted); leave out emptied groups."""
     items: dict[RenderedKey, Rendered] = {}
     kept, candidates, instructions, cut = [], Counter(), Counter(), set()
+    own_cut = getattr(render, "cut", None)
     for chunk in group_chunks(groups, RENDER_BATCH):
         rendered = iter(render_pairs(render, [(g, c) for g in chunk for c in g.candidates], file))
         for group in chunk:
             survivors = []
             for cand in group.candidates:
                 item = next(rendered)
-                fitted = fit_length(item, max_length, over_length)
+                fitted = fit_length(item, max_length, over_length, own_cut and partial(own_cut, group, cand))
                 if fitted is None:
                     candidates[Reason.TOO_LONG] += 1
                     continue

@@ -154,6 +154,11 @@ def test_fit_length_policies():
     assert fit_length(item, 8, "drop") is None
     assert fit_length(item, 8, "truncate") == Rendered(tuple(range(8)), 4, 8)
     assert fit_length(item, 4, "truncate") is None  # no response token would be left
+    host_cut = Rendered((0, 1, 9, 2, 3, 4), 3, 6)  # a host truncates in its own way: its cut is used as it is
+    assert fit_length(item, 8, "truncate", lambda: host_cut) is host_cut
+    assert fit_length(item, 5, "truncate", lambda: host_cut) is None  # longer than max_length still
+    assert fit_length(item, 8, "truncate", lambda: None) is None  # the host's cut lost the response
+    assert fit_length(item, 8, "drop", lambda: host_cut) is None
 
 
 def test_missing_model_and_gguf(tmp_path):

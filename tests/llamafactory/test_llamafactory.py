@@ -70,7 +70,8 @@ def write_config(path: Path, model: Path, data: Path, **overrides) -> Path:
 
 def run(args: list[str], cache: Path, **env: str) -> subprocess.CompletedProcess:
     """A command of this environment, with its own GRAPE cache; output checked by the caller."""
-    full = {**os.environ, "GRAPE_CACHE_DIR": str(cache), **env}
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])  # torchrun, as when active
+    full = {**os.environ, "PATH": path, "GRAPE_CACHE_DIR": str(cache), **env}
     return subprocess.run([sys.executable, "-m", *args], env=full, capture_output=True, text=True, timeout=600)
 
 
@@ -207,10 +208,11 @@ def test_offline_select_then_plain_llamafactory_cli(lf_model, tmp_path, direct_p
 
 
 def plan_for(tmp_path: Path, model: Path, **overrides):
-    from grape_plugin.integrations.llamafactory.train import make_plan, read_args
+    from grape_plugin.integrations.llamafactory.compat import read_args
+    from grape_plugin.integrations.llamafactory.host import plan
 
     data = make_data(tmp_path)
-    return make_plan(read_args([str(write_config(tmp_path / "train.yaml", model, data, **overrides))]))
+    return plan(read_args([str(write_config(tmp_path / "train.yaml", model, data, **overrides))]))
 
 
 def test_ranking_rows_are_two_candidates_and_max_samples_keeps_whole_instructions(lf_model, tmp_path):
@@ -239,7 +241,7 @@ def select(cfg: Path, out: Path, *overrides: str) -> tuple[dict, dict]:
 
 def test_a_fully_cached_rerun_loads_no_weights(lf_model, tmp_path, monkeypatch):
     """Another top_k and another fit metric: a new selection from the cached per-token values, no weights."""
-    import llamafactory.model
+    from grape_plugin.integrations.llamafactory import compat
 
     monkeypatch.setenv("GRAPE_CACHE_DIR", str(tmp_path / "cache"))
     data = make_data(tmp_path)
@@ -251,7 +253,7 @@ def test_a_fully_cached_rerun_loads_no_weights(lf_model, tmp_path, monkeypatch):
     def no_weights(*args, **kwargs):
         raise AssertionError("the weights were loaded although every score is cached")
 
-    monkeypatch.setattr(llamafactory.model, "load_model", no_weights)
+    monkeypatch.setattr(compat, "load_model", no_weights)
     second, manifest = select(cfg, tmp_path / "two")
     assert manifest["key"] != first_manifest["key"] and manifest["report"]["model_loaded"] is False
     assert second["scored"] == 0 and second["cached"] > 0 and second["model_loaded"] is False
@@ -286,7 +288,7 @@ def test_an_existing_tokenized_path_skips_selection_with_a_warning(lf_model, tmp
         ({"top_k": 0}, {}, "top_k: Input should be greater than or equal to 1"),
         ({"max_length": 4096}, {}, "max_length 4096 exceeds the run's cutoff_len 768"),
         ("yes", {}, "dataset 'pool': grape: must be an object of GRAPE options"),
-        ({"candidates_column": "outputs"}, {}, "pool.json: grape option candidates_column names column 'outputs'"),
+        ({"candidates_column": "outputs"}, {}, "pool.json: --candidates-column outputs: no such column"),
         (None, {"stage": "pt"}, "GRAPE selects SFT data, but this run's stage is 'pt'"),
     ],
 )
@@ -320,3 +322,24 @@ def test_a_sharegpt_entry_with_per_row_ids_keeps_one_response_per_prompt(lf_mode
     clear = [(k["messages"][-1]["content"], winner) for k, (winner, gap) in zip(kept, picked) if gap > 1e-4]
     assert len(clear) >= 3 and all(got == want for got, want in clear)
     assert set(report["wins_per_source"]) <= {r["generator"] for r in pool}
+
+
+def test_over_length_truncate_scores_a_long_candidate_as_llamafactory_cuts_it(lf_model, tmp_path, monkeypatch):
+    """``over_length: truncate``: a candidate over cutoff_len is scored on the ids LLaMA-Factory keeps (a prefix of
+    its response), counted as truncated, also when a rerun answers it from the cache."""
+    monkeypatch.setenv("GRAPE_CACHE_DIR", str(tmp_path / "cache"))
+    data = set_grape(make_data(tmp_path), over_length="truncate")
+    cfg = write_config(tmp_path / "train.yaml", lf_model, data, cutoff_len=256)
+    report, _ = select(cfg, tmp_path / "one")
+    assert report["truncated"] > 0 and "too_long" not in report["dropped"]["candidates"]
+    (tmp_path / "plan").mkdir()
+    host = plan_for(tmp_path / "plan", lf_model, cutoff_len=256)
+    renderer, grouped = host.train_renderer(host.scorer()), host.read()
+    long = [(whole, renderer.cut(g, c)) for g in grouped.load(grouped.groups) for c in g.candidates
+            if len((whole := renderer(g, c)).input_ids) > 256]  # fmt: skip
+    assert long and all(len(cut.input_ids) <= 256 and cut.n_tokens < whole.n_tokens for whole, cut in long)
+    for whole, cut in long:  # the response as far as LLaMA-Factory keeps it
+        assert cut.input_ids[cut.start : cut.end].tolist() == whole.input_ids[whole.start :][: cut.n_tokens].tolist()
+    set_grape(data, over_length="truncate", top_k=2)
+    again, _ = select(cfg, tmp_path / "two")
+    assert again["scored"] == 0 and again["truncated"] == report["truncated"]

@@ -6,5 +6,5 @@
     grape-plugin llamafactory select config.yaml -o DIR             # or write the selection for llamafactory-cli
 
 See README.md in this folder. ``llamafactory-cli`` itself ignores the key and trains on every row. The host is in
-``host.py``, the commands in ``train.py`` (registered by ``commands.py``).
+``host.py`` with the commands' flows (registered by ``commands.py``), LLaMA-Factory's internals in ``compat.py``.
 """

@@ -1,5 +1,6 @@
-"""``grape-plugin llamafactory train|select``, registered through the ``grape_register_commands`` hook (this
-module is a ``grape_plugin`` entry point), so that the core's CLI imports no host integration."""
+"""``grape-plugin llamafactory train|select`` (``host.train``, ``host.select``), registered through the
+``grape_register_commands`` hook (this module is a ``grape_plugin`` entry point), so that the core's CLI imports no
+host integration and LLaMA-Factory is imported only when a command runs."""
 
 from __future__ import annotations
 
@@ -9,37 +10,26 @@ from typing import Any, Callable
 from grape_plugin.hookspecs import hookimpl
 
 LF_HELP = """\
-GRAPE for LLaMA-Factory. Turn selection on per dataset with a "grape" key in its dataset_info.json entry:
-
-  "pooled_sft": {"file_name": "pooled.json", "formatting": "sharegpt", "columns": {"messages": "conversations"},
-                 "grape": {"template": "train", "top_k": 1}}
-
-  grape-plugin llamafactory train config.yaml [key=value ...]   select, then train (on every rank)
-  grape-plugin llamafactory select config.yaml -o DIR           select only; then: llamafactory-cli train DIR/train.yaml
-
-A plain llamafactory-cli train ignores the key. Options: grape_plugin/integrations/llamafactory/README.md."""
-LF_TRAIN_HELP = """\
-Train with LLaMA-Factory on the GRAPE selection: takes exactly llamafactory-cli train's arguments.
-Datasets whose dataset_info.json entry has a "grape" key are scored with the run's model and template and
-replaced by their selection; the others are used as they are. With several devices (or FORCE_TORCHRUN=1) it
-re-launches itself under torchrun, like llamafactory-cli. See grape_plugin/integrations/llamafactory/README.md."""
+GRAPE for LLaMA-Factory: the datasets whose dataset_info.json entry has a "grape" key (e.g. "grape": {"top_k": 1})
+are replaced by their GRAPE selection, scored with the run's model and template; a plain llamafactory-cli ignores it.
+  train config.yaml [key=value ...]   select, then train (llamafactory-cli train's arguments, torchrun included)
+  select config.yaml -o DIR           select only; then: llamafactory-cli train DIR/train.yaml
+Options: grape_plugin/integrations/llamafactory/README.md."""
 
 
 def cmd_llamafactory_train(args: argparse.Namespace) -> None:
+    from .host import train
+
     if not args.args or args.args[0] in ("-h", "--help"):
         print(args.usage())
-        return
-    from .train import train
-
-    code = train(args.args)
-    if code:
+    elif code := train(args.args):
         raise SystemExit(code)
 
 
 def cmd_llamafactory_select(args: argparse.Namespace) -> None:
-    from .train import select_offline
+    from .host import select
 
-    command = select_offline([args.config, *args.overrides], args.output)
+    command = select([args.config, *args.overrides], args.output)
     print(f"selection written to {args.output}; train on it with:\n  {command}")
 
 
@@ -53,7 +43,7 @@ def add_commands(sub: Any) -> None:
     # '+' prefix: every argument, --flags included, goes to LLaMA-Factory unparsed
     train = lf_sub.add_parser(
         "train", prefix_chars="+", add_help=False, help="select, then train (llamafactory-cli train's arguments)",
-        description=LF_TRAIN_HELP, usage="%(prog)s config.yaml [key=value ...]",
+        description=LF_HELP, usage="%(prog)s config.yaml [key=value ...]",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     train.add_argument("args", nargs=argparse.REMAINDER, metavar="config.yaml [key=value ...]")

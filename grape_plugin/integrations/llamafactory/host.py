@@ -13,36 +13,44 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import os
+import shutil
+import subprocess
 import sys
 from dataclasses import dataclass, replace
 from functools import cached_property
+from itertools import chain
 from pathlib import Path
 from typing import Any, Mapping, Optional
 
+import yaml
+
 from grape_plugin.components import Components
 from grape_plugin.config import GrapeConfig, default_cache_dir
-from grape_plugin.datafiles import safe_filename
+from grape_plugin.datafiles import read_dataset, safe_filename
 from grape_plugin.errors import GrapeError, input_error
 from grape_plugin.formats import Context, Format, Input, group_rows
-from grape_plugin.host import BaseHost
+from grape_plugin.host import BaseHost, Prepared, prepare
 from grape_plugin.records import Candidate, Draft, Drops, Group, Grouped, Reason, Selection
-from grape_plugin.render import Rendered, Renderer, labelled_span
+from grape_plugin.render import Rendered, labelled_span
 from grape_plugin.scoring import Scorer
 
-from .compat import dataset_converter, load_model, load_tokenizer_and_template, sft_encoder, version
+from . import compat
 
+LOG = logging.getLogger("grape_plugin.llamafactory")
 DATA_CONFIG = "dataset_info.json"
-MEDIA = ("images", "videos", "audios")
-ALIGNED = ("_prompt", "_system", "_tools", *(f"_{m}" for m in MEDIA))
+RANK_SCRIPT = str(Path(__file__).with_name("__main__.py"))  # what every torchrun rank of ``train`` runs
+ALIGNED = ("_prompt", "_system", "_tools", "_images", "_videos", "_audios")
 ROLES = {"user": "user", "assistant": "assistant", "observation": "user", "function": "assistant"}
+# how LLaMA-Factory reads the rows written: messages with LLaMA-Factory's own roles, every aligned field in a column
 SHAREGPT_ENTRY = {
-    "formatting": "sharegpt", "ranking": False, "columns": {k: k for k in ("messages", "system", "tools", *MEDIA)},
-    "tags": {f"{role}_tag": role for role in ("user", "assistant", "observation", "function", "system")}
-            | {"role_tag": "role", "content_tag": "content"},
+    "formatting": "sharegpt", "ranking": False, "columns": {k[1:]: k[1:] for k in ("_messages", *ALIGNED[1:])},
+    "tags": {"role_tag": "role", "content_tag": "content"} | {f"{r}_tag": r for r in (*ROLES, "system")},
 }  # fmt: skip
 # DataArguments that shape a candidate's tokens, or which instructions are read
-DATA_KEYS = ("template", "cutoff_len", "mask_history", "default_system", "tool_format", "enable_thinking", "max_samples")
+DATA_KEYS = ("template", "cutoff_len", "mask_history", "default_system", "tool_format", "enable_thinking",
+             "max_samples")  # fmt: skip
 # ModelArguments that change the loaded model beyond its files; absent ones (other versions) read as None
 MODEL_KEYS = (
     "quantization_bit", "quantization_method", "quantization_type", "double_quantization", "rope_scaling",
@@ -61,35 +69,6 @@ HINTS = {  # LLaMA-Factory's words for the options the run decides (grape_plugin
 READING_KEYS = ("group_by", "source_column", "candidates_column", "on_bad_row")  # how one entry's rows read: may differ
 
 
-def entry_config(raw: Any, where: str, cutoff_len: int) -> Optional[GrapeConfig]:
-    """An entry's ``grape`` value (``true`` or ``{}`` for the defaults), or None when absent or false.
-
-    Defaults differ from the CLI's: ``template: train`` and ``max_length: cutoff_len``, so a winner the run would
-    cut is never picked silently.
-    """
-    if raw is None or raw is False:
-        return None
-    cfg = BaseHost.options(raw, {"max_length": cutoff_len}, where, HINTS)
-    if cfg.max_length is not None and cfg.max_length > cutoff_len:
-        raise GrapeError(f"{where}: max_length {cfg.max_length} exceeds the run's cutoff_len {cutoff_len}; "
-                         "LLaMA-Factory would truncate longer winners")  # fmt: skip
-    return cfg
-
-
-def shared_config(options: dict[str, GrapeConfig], where: str) -> GrapeConfig:
-    """The options of entries selected together (grouped by prompt across them): equal but for the reading keys."""
-    (first, cfg), *rest = options.items()
-    for name, other in rest:
-        for key in GrapeConfig.model_fields:
-            if key not in READING_KEYS and getattr(other, key) != getattr(cfg, key):
-                raise GrapeError(
-                    f"{where}: datasets '{first}' and '{name}' are selected together (candidates are grouped by "
-                    f"prompt across them) but their grape options differ in '{key}' "
-                    f"({getattr(cfg, key)!r} vs {getattr(other, key)!r}); make them equal"
-                )
-    return cfg
-
-
 @dataclass(frozen=True)
 class Entry:
     """One ``dataset_info.json`` entry with a ``grape`` option: its info, LLaMA-Factory's DatasetAttr, its files."""
@@ -102,45 +81,39 @@ class Entry:
 
     def identity(self) -> list:
         """What the entry's selection depends on: its info and its files (path, size, mtime)."""
-        return [self.name, self.info, [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in self.files]]
+        return [self.name, self.info, [(f, (s := os.stat(f)).st_size, s.st_mtime_ns) for f in self.files]]
 
     def rows(self) -> Any:
         """Its rows (a file, or a folder's files), with errors naming file and row."""
         from datasets import concatenate_datasets
 
-        from grape_plugin.datafiles import read_dataset
-
-        parts = [read_dataset(f) for f in self.files]
-        return parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+        return concatenate_datasets([read_dataset(f) for f in self.files])
 
 
 class EntryRows(Format):
     """One entry's rows through LLaMA-Factory's converter; rows it would drop at the SFT stage are counted."""
 
     name = "llamafactory"
+    options = frozenset({"source_column", "candidates_column"})
 
     def __init__(self, entry: Entry, convert: Any):
         self.entry, self.convert, self.invalid = entry, convert, 0
 
-    def expand(self, row: dict, i: int, col: Optional[str], ctx: Context) -> Any:
+    def expand(self, row: dict, i: int, col: Optional[str], ctx: Context) -> list[tuple[dict, Optional[int]]]:
         """The row itself, or one row per item of the candidates column (set as the entry's response)."""
         if col is None:
-            yield row, None
-            return
-        items, attr = row.get(col), self.entry.attr
-        if not isinstance(items, list) or not items:
-            raise input_error(ctx.file, i, col, "must be a non-empty list of candidate responses")
-        for j, item in enumerate(items):
-            if not isinstance(item, str):
-                raise input_error(ctx.file, i, f"{col}[{j}]", "must be a string")
-            if attr.formatting == "alpaca":
-                yield {**row, attr.response: item}, j
-            else:  # the messages column holds the prompt; the item is the last turn
-                last = {attr.role_tag: attr.assistant_tag, attr.content_tag: item}
-                yield {**row, attr.messages: [*(row.get(attr.messages) or []), last]}, j
+            return [(row, None)]
+        items, a = row.get(col), self.entry.attr
+        if not isinstance(items, list) or not items or not all(isinstance(x, str) for x in items):
+            raise input_error(ctx.file, i, col, "must be a non-empty list of candidate response strings")
+        if a.formatting == "alpaca":
+            return [({**row, a.response: x}, j) for j, x in enumerate(items)]
+        # the messages column holds the prompt; the item is the last turn
+        turns = [[*(row.get(a.messages) or []), {a.role_tag: a.assistant_tag, a.content_tag: x}] for x in items]
+        return [({**row, a.messages: t}, j) for j, t in enumerate(turns)]
 
     def read_row(self, row, i, ctx):
-        col, ranking = ctx.first((), ctx.cfg.candidates_column), self.entry.attr.ranking
+        col, ranking = ctx.cfg.candidates_column, self.entry.attr.ranking
         for one, item in self.expand(row, i, col, ctx):
             try:
                 aligned = self.convert(one)
@@ -155,39 +128,33 @@ class EntryRows(Format):
             prompt = system + [{"role": ROLES[m["role"]], "content": m["content"]} for m in aligned["_prompt"]]
             context = {k: aligned[k] for k in ALIGNED}
             if ranking:
-                for j, (slot, answer) in enumerate(zip(("chosen", "rejected"), responses)):
-                    yield Draft(prompt, Candidate(answer["content"], slot, i, item=j), context)
+                sources, items = ("chosen", "rejected"), (0, 1)
             else:
-                source = self.source(row, ctx) or (self.entry.name if item is None else f"{col}[{item}]")
-                yield Draft(prompt, Candidate(responses[0]["content"], source, i, item=item), context)
+                sources, items = (self.source(row, ctx) or (f"{col}[{item}]" if col else self.entry.name),), (item,)
+            for source, j, answer in zip(sources, items, responses):
+                yield Draft(prompt, Candidate(answer["content"], source, i, item=j), context)
 
 
 class TrainRenderer:
     """``template: train``: a candidate's ids and labels exactly as the run's SFT preprocessing makes them (its
     template, fixed tokenizer, ``mask_history``, ``efficient_eos``, ...); the scored span is the last labelled run.
+    A candidate is rendered whole; ``cut`` truncates it at ``cutoff_len`` as LLaMA-Factory does."""
 
-    A candidate longer than ``cutoff_len`` is rendered whole, so ``max_length`` drops it, or, with ``over_length:
-    truncate``, as LLaMA-Factory truncates it (counted in ``truncated``).
-    """
-
-    def __init__(self, template: Any, tokenizer: Any, processor: Any, data_args: Any, over_length: str):
+    def __init__(self, template: Any, tokenizer: Any, processor: Any, data_args: Any):
         scoring = copy.copy(data_args)
         scoring.train_on_prompt = False  # the labels then mark the responses only
         whole = copy.copy(scoring)
         whole.cutoff_len = sys.maxsize
-        self.cut = sft_encoder(template, tokenizer, processor, scoring)
-        self.whole = sft_encoder(template, tokenizer, processor, whole)
-        self.cutoff_len, self.truncate, self.truncated = data_args.cutoff_len, over_length == "truncate", 0
+        self.whole, self.short = (compat.sft_encoder(template, tokenizer, processor, d) for d in (whole, scoring))
 
     def __call__(self, group: Group, cand: Candidate) -> Rendered:
-        item = labelled_span(*self.whole(group.context, cand.response))
-        if len(item.input_ids) <= self.cutoff_len or not self.truncate:
-            return item
-        short = labelled_span(*self.cut(group.context, cand.response))
-        if short.input_ids[short.start : short.end].tolist() != item.input_ids[item.start : item.start + short.n_tokens].tolist():
-            return item  # the cut lost the final turn: max_length decides
-        self.truncated += 1
-        return short
+        return labelled_span(*self.whole(group.context, cand.response))
+
+    def cut(self, group: Group, cand: Candidate) -> Optional[Rendered]:
+        """The candidate as LLaMA-Factory truncates it; None when the cut lost the final turn."""
+        item, short = self(group, cand), labelled_span(*self.short(group.context, cand.response))
+        kept = item.input_ids[item.start : item.start + short.n_tokens]
+        return short if short.input_ids[short.start : short.end].tolist() == kept.tolist() else None
 
 
 class LlamaFactoryHost(BaseHost):
@@ -195,15 +162,15 @@ class LlamaFactoryHost(BaseHost):
 
     def __init__(self, args: Any, parsed: tuple, info_path: str, info: dict, entries: list[Entry], cfg: GrapeConfig):
         super().__init__(Components.of(cfg, host_template=True))
-        self.args, self.info_path, self.info, self.entries = args, info_path, info, entries
+        self.args, self.where, self.info, self.entries = args, info_path, info, entries
         self.model_args, self.data_args, self.training_args, self.finetuning_args = parsed
-        self.where = info_path
-        self.trained: Optional[TrainRenderer] = None
 
     @cached_property
     def tokenizer(self) -> tuple[Any, Any, Any]:
         """The run's tokenizer, processor and template, loaded once (the template may add tokens)."""
-        return load_tokenizer_and_template(self.model_args, self.data_args)
+        loaded = compat.load_tokenizer(self.model_args)
+        template = compat.get_template_and_fix_tokenizer(loaded["tokenizer"], self.data_args)
+        return loaded["tokenizer"], loaded["processor"], template
 
     def scorer(self) -> Scorer:
         m, f, t = self.model_args, self.finetuning_args, self.training_args
@@ -211,12 +178,13 @@ class LlamaFactoryHost(BaseHost):
         weights = [(m.model_name_or_path, m.model_revision), *((n, None) for n in m.adapter_name_or_path or [])]
         settings = {"finetuning_type": f.finetuning_type, **{k: getattr(m, k, None) for k in MODEL_KEYS},
                     "dtype": f"bf16={t.bf16 or f.pure_bf16},fp16={t.fp16},infer={m.infer_dtype}"}  # fmt: skip
-        return self.model_scorer("llamafactory", tokenizer, weights, settings, lambda: load_model(tokenizer, m, f))
+        return self.model_scorer("llamafactory", tokenizer, weights, settings,
+                                 lambda: compat.load_model(tokenizer, copy.deepcopy(m), f, is_trainable=False))
 
     def key_parts(self) -> Mapping[str, Any]:
         d = self.data_args
         return {
-            "llamafactory": version(),
+            "llamafactory": compat.VERSION,
             "entries": [e.identity() for e in self.entries],
             "info": self.info,
             "dirs": [os.path.abspath(d.dataset_dir), os.path.abspath(d.media_dir)],
@@ -231,31 +199,20 @@ class LlamaFactoryHost(BaseHost):
         for e in self.entries:
             rows = e.rows()
             ctx = Context(e.files[0], list(rows.column_names), e.cfg)
-            named_columns = {"group_by": None if e.cfg.group_by in ("auto", "prompt") else e.cfg.group_by,
-                             "source_column": e.cfg.source_column, "candidates_column": e.cfg.candidates_column}
-            for option, named in named_columns.items():
-                if named is not None and named not in ctx.columns:
-                    raise GrapeError(f"{ctx.file}: grape option {option} names column '{named}', which dataset "
-                                     f"'{e.name}' lacks; its columns are {', '.join(ctx.columns)}")  # fmt: skip
-            fmt = EntryRows(e, dataset_converter(e.attr, d))
+            fmt = EntryRows(e, compat.get_dataset_converter(e.attr.formatting, e.attr, d))
+            fmt.check(ctx, None)
             inputs.append(Input(rows, fmt, ctx, d.max_samples))
         grouped = group_rows(inputs, self.cfg.min_candidates)
         invalid = Drops.of({Reason.INVALID_EXAMPLE: sum(i.format.invalid for i in inputs)})
         return replace(grouped, drops=grouped.drops + invalid)
 
-    def train_renderer(self, scorer: Scorer) -> Renderer:
+    def train_renderer(self, scorer: Scorer) -> TrainRenderer:
         _, processor, template = self.tokenizer
-        self.trained = TrainRenderer(template, scorer.tokenizer, processor, self.data_args, self.cfg.over_length)
-        return self.trained
+        return TrainRenderer(template, scorer.tokenizer, processor, self.data_args)
 
     def finish(self, selection: Selection) -> Selection:
-        """Count LLaMA-Factory's truncations; cap each entry at ``max_samples`` rows with whole instructions only,
-        so LLaMA-Factory's own ``max_samples`` cut never splits one."""
-        from grape_plugin.distributed import all_gather
-
-        truncated = sum(all_gather([self.trained.truncated])) if self.trained else 0  # the ranks' shares
-        if truncated:
-            selection = replace(selection, stats=replace(selection.stats, truncated=selection.stats.truncated + truncated))
+        """Cap each entry at ``max_samples`` rows with whole instructions only, so LLaMA-Factory's own cut never
+        splits one."""
         limit = self.data_args.max_samples
         return selection if limit is None else selection.capped(limit, Reason.OVER_MAX_SAMPLES)
 
@@ -267,22 +224,33 @@ class LlamaFactoryHost(BaseHost):
         and a ``dataset_info.json`` that keeps every other entry, with paths made absolute."""
         rows: list[list[dict]] = [[] for _ in self.entries]
         for group, cand in selection.picks_in_order(texts=True):
-            a = group.context
-            messages = [*a["_prompt"], {"role": "assistant", "content": cand.response}]
-            rows[cand.part].append({"messages": messages, **{k[1:]: a[k] for k in ALIGNED[1:]}})
+            messages = [*group.context["_prompt"], {"role": "assistant", "content": cand.response}]
+            rows[cand.part].append({"messages": messages, **{k[1:]: group.context[k] for k in ALIGNED[1:]}})
         info = {name: absolute_entry(entry, self.data_args.dataset_dir) for name, entry in self.info.items()}
+        files = {e.name: folder / safe_filename(e.name, ".jsonl") for e in self.entries}
         for e, kept in zip(self.entries, rows):
             num = {"num_samples": e.info["num_samples"]} if e.info.get("num_samples") is not None else {}
-            info[e.name] = {"file_name": safe_filename(e.name, ".jsonl"), **SHAREGPT_ENTRY, **num}
-            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept)
-            (folder / info[e.name]["file_name"]).write_text(text, encoding="utf-8")
+            info[e.name] = {"file_name": files[e.name].name, **SHAREGPT_ENTRY, **num}
+            files[e.name].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
         (folder / DATA_CONFIG).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
-        return {"dataset_info": folder / DATA_CONFIG, **{e.name: folder / info[e.name]["file_name"] for e in self.entries}}
+        return {"dataset_info": folder / DATA_CONFIG, **files}
 
     def is_writer(self) -> bool:
         """One writer per node, or one in all with ``data_shared_file_system``."""
         t = self.training_args
         return (t.process_index if self.data_args.data_shared_file_system else t.local_process_index) == 0
+
+    def redirect(self, folder: Path) -> Any:
+        """The run's arguments with ``dataset_dir`` at the selection (``media_dir`` stays the original one); an entry
+        none of whose candidates won is left out, with a warning."""
+        empty = sorted(e.name for e in self.entries if (folder / safe_filename(e.name, ".jsonl")).stat().st_size == 0)
+        for name in empty:
+            LOG.warning("dataset '%s': no candidate of it was selected; it is left out of the run", name)
+        updates = {"dataset_dir": str(folder), "media_dir": os.path.abspath(self.data_args.media_dir),
+                   "dataset": ",".join(n for n in self.data_args.dataset if n not in empty)}  # fmt: skip
+        if isinstance(self.args, dict):
+            return {**self.args, **updates}
+        return [*self.args, *chain.from_iterable((f"--{k}", v) for k, v in updates.items())]  # argparse: last one wins
 
 
 def absolute_entry(entry: dict[str, Any], dataset_dir: str) -> dict[str, Any]:
@@ -292,3 +260,124 @@ def absolute_entry(entry: dict[str, Any], dataset_dir: str) -> dict[str, Any]:
         if key in entry and os.path.exists(path := os.path.join(dataset_dir, entry[key])):
             entry[key] = os.path.abspath(path)
     return entry
+
+
+def entry_config(raw: Any, where: str, cutoff_len: int) -> Optional[GrapeConfig]:
+    """An entry's ``grape`` value (``true`` or ``{}`` for the defaults), or None when absent or false. Defaults differ
+    from the CLI's: ``template: train`` and ``max_length: cutoff_len``, so a winner the run would cut is never picked
+    silently."""
+    if raw is None or raw is False:
+        return None
+    cfg = BaseHost.options(raw, {"max_length": cutoff_len}, where, HINTS)
+    if cfg.max_length is not None and cfg.max_length > cutoff_len:
+        raise GrapeError(f"{where}: max_length {cfg.max_length} exceeds the run's cutoff_len {cutoff_len}; "
+                         "LLaMA-Factory would truncate longer winners")  # fmt: skip
+    return cfg
+
+
+def shared_config(options: dict[str, GrapeConfig], where: str) -> GrapeConfig:
+    """The options of entries selected together (grouped by prompt across them): equal but for the reading keys."""
+    (first, cfg), *rest = options.items()
+    for name, other in rest:
+        for key in (k for k in GrapeConfig.model_fields if k not in READING_KEYS):
+            if getattr(other, key) != getattr(cfg, key):
+                raise GrapeError(f"{where}: datasets '{first}' and '{name}' are selected together (candidates are "
+                                 f"grouped by prompt across them) but their grape options differ in '{key}' "
+                                 f"({getattr(cfg, key)!r} vs {getattr(other, key)!r}); make them equal")  # fmt: skip
+    return cfg
+
+
+def local_files(name: str, attr: Any, dataset_dir: str, where: str) -> list[str]:
+    """The data files of a local entry, listed as LLaMA-Factory lists them (a file, or a folder's files)."""
+    path = os.path.abspath(os.path.join(dataset_dir, attr.dataset_name))
+    if attr.load_from != "file":
+        raise GrapeError(f"{where}: dataset '{name}' loads from {attr.load_from}; GRAPE selection reads local files "
+                         "only (download it and point file_name at it)")  # fmt: skip
+    if not os.path.exists(path):
+        raise GrapeError(f"{where}: dataset '{name}': file_name {attr.dataset_name}: no such file in {dataset_dir}")
+    return [os.path.join(path, f) for f in os.listdir(path)] if os.path.isdir(path) else [path]
+
+
+def plan(args: Any) -> Optional[LlamaFactoryHost]:
+    """The run's grape entries as a host, validated; None when there are none (the run trains as it would anyway)."""
+    m, d, t, f = compat.parse_train_args(args)
+    info_path = os.path.join(d.dataset_dir, DATA_CONFIG)
+    if d.dataset_dir == "ONLINE" or d.dataset_dir.startswith("REMOTE:") or not os.path.isfile(info_path):
+        return None
+    try:
+        info = json.loads(Path(info_path).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise GrapeError(f"{info_path}: cannot read it: {exc}") from None
+    raw = {n: info[n].get("grape") for n in d.dataset or [] if isinstance(info.get(n), dict)}
+    where = {n: f"{info_path}: dataset '{n}': grape" for n in raw}
+    options = {n: c for n, r in raw.items() if (c := entry_config(r, where[n], d.cutoff_len))}
+    for name in d.eval_dataset or []:
+        if isinstance(info.get(name), dict) and info[name].get("grape"):
+            LOG.warning("eval dataset '%s' has a grape option: GRAPE selects training data; it is used as is", name)
+    if not options:
+        return None
+    if f.stage != "sft":
+        raise GrapeError(f"{info_path}: GRAPE selects SFT data, but this run's stage is '{f.stage}'; "
+                         f"use stage: sft or drop the grape option of {', '.join(options)}")  # fmt: skip
+    if d.tokenized_path and compat.has_tokenized_data(d.tokenized_path):
+        LOG.warning("tokenized_path %s exists, so LLaMA-Factory trains on it and reads no dataset: GRAPE selection "
+                    "skipped. Delete it (or choose a new tokenized_path) to train on the selection.", d.tokenized_path)
+        return None
+    attrs = compat.get_dataset_list(list(options), info)
+    entries = [Entry(n, info[n], a, options[n], local_files(n, a, d.dataset_dir, info_path))
+               for n, a in zip(options, attrs)]  # fmt: skip
+    return LlamaFactoryHost(args, (m, d, t, f), info_path, info, entries, shared_config(options, info_path))
+
+
+def log_selection(prepared: Prepared) -> None:
+    LOG.info("GRAPE selection %s %s\n%s", "reused from" if prepared.reused else "written to", prepared.folder,
+             prepared.manifest["summary"])  # fmt: skip
+
+
+def selected(host: LlamaFactoryHost) -> Any:
+    """On every rank: the host's selection (made, or found on disk), and the run's arguments pointing at it."""
+    _ = host.training_args.device  # under torchrun this starts the process group LLaMA-Factory's trainer uses
+    prepared = prepare(host)
+    if host.training_args.process_index == 0:
+        log_selection(prepared)
+    return host.redirect(prepared.folder)
+
+
+def train(argv: list[str]) -> int:
+    """Select, then train, as ``llamafactory-cli train`` does: under torchrun where it would, every rank selecting."""
+    LOG.setLevel(logging.INFO)
+    host = plan(compat.read_args(argv))  # a bad option fails here, once, before any rank starts
+    try:
+        compat.launch(argv, RANK_SCRIPT, lambda args: selected(host) if host else args)
+    except subprocess.CalledProcessError as exc:  # a rank failed; it said why
+        return exc.returncode
+    return 0
+
+
+def train_rank(argv: list[str]) -> int:
+    """One torchrun rank of ``train``: select (sharing the scoring), then train."""
+    LOG.setLevel(logging.INFO)
+    args = compat.read_args(argv)
+    host = plan(args)
+    compat.run_exp(selected(host) if host else args)
+    return 0
+
+
+def select(argv: list[str], out: str) -> str:
+    """The selection (from the cache, or selected now) copied to ``out`` for a plain ``llamafactory-cli train``;
+    the command that trains on it."""
+    LOG.setLevel(logging.INFO)
+    host, target = plan(compat.read_args(argv)), Path(out).resolve()
+    if host is None:
+        raise GrapeError("nothing to select: no dataset of this run has a 'grape' key in its dataset_info.json entry")
+    inputs = [Path(f).resolve() for e in host.entries for f in e.files]
+    if target == Path(host.data_args.dataset_dir).resolve() or any(p.is_relative_to(target) for p in inputs):
+        raise GrapeError(f"-o {out}: holds the run's own data; choose another folder")
+    prepared = prepare(host)
+    shutil.copytree(prepared.folder, target, dirs_exist_ok=True)
+    log_selection(prepared)
+    args = host.redirect(target)
+    if isinstance(args, list):
+        return "llamafactory-cli train " + " ".join(args)
+    (target / "train.yaml").write_text(yaml.safe_dump(args, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return f"llamafactory-cli train {target / 'train.yaml'}"
