@@ -8,17 +8,9 @@
 See README.md in this folder. Without a ``grape:`` block the plugin does nothing.
 """
 
-from __future__ import annotations
-
 from typing import Any
 
 from axolotl.integrations.base import BasePlugin
-
-from grape_plugin.errors import GrapeError
-
-from .args import GrapeArgs
-
-__all__ = ["GrapeArgs", "GrapePlugin"]
 
 
 class GrapePlugin(BasePlugin):
@@ -29,15 +21,8 @@ class GrapePlugin(BasePlugin):
 
     def load_datasets(self, cfg: Any, preprocess: bool = False) -> None:
         """Point ``cfg.datasets`` at the selection and return None, so Axolotl's own loader tokenises it."""
-        if cfg.get("grape") is None:
-            return None
-        from axolotl.common.const import DEFAULT_DATASET_PREPARED_PATH
+        if cfg.get("grape") is not None:
+            # torch and Axolotl's loaders: only for a run with a block
+            from .host import select_datasets
 
-        from .host import LOG, select_datasets
-
-        try:
-            select_datasets(cfg, DEFAULT_DATASET_PREPARED_PATH)
-        except GrapeError as exc:
-            LOG.error("%s", exc)
-            raise SystemExit(f"grape-plugin: {exc}") from None
-        return None
+            select_datasets(cfg)

@@ -3,39 +3,35 @@
 Axolotl mixes ``GrapeArgs`` into its own config model, so the field name is the top-level YAML key. The block
 is checked like a ``GrapeConfig`` (a typo lists the expected keys) but kept as the user wrote it: the run's
 defaults (``template: train``, ``max_length: sequence_len``, the run's model and dtype) are filled in when the
-selection runs, see ``host.grape_config``.
+selection runs, see ``host.AxolotlHost``.
 """
 
-from __future__ import annotations
+from typing import Annotated, Any
 
-from typing import Any, Optional
+from pydantic import BaseModel, BeforeValidator
 
-from pydantic import BaseModel, field_validator
-
-from grape_plugin.host import BaseHost
 from grape_plugin.errors import GrapeError
+from grape_plugin.host import BaseHost
 
-HINTS = {  # Axolotl's words for the options the run decides (grape_plugin.host.HOST_DECIDES), and more
-    "model": "the scoring model is the run's base_model (with its adapter, quantization and attention settings)",
-    "revision": "set revision_of_model",
-    "trust_remote_code": "set trust_remote_code at the top level",
-    "dtype": "the run's bf16/fp16/torch_dtype decide it",
-    "split": "set split: on the datasets: entry",
-}
+# Axolotl's words for the options the run decides (grape_plugin.host.HOST_DECIDES), and more
+HINTS = {"model": "the scoring model is the run's base_model (with its adapter, quantization and attention settings)",
+         "revision": "set revision_of_model", "trust_remote_code": "set trust_remote_code at the top level",
+         "dtype": "the run's bf16/fp16/torch_dtype decide it", "split": "set split: on the datasets: entry",
+}  # fmt: skip
+
+
+def check_block(value: Any) -> dict[str, Any] | None:
+    """The block as written (``true``: all defaults), once it reads as GRAPE options; None or false: no block."""
+    if value is None or value is False:
+        return None
+    try:
+        BaseHost.options(value, {}, "grape", HINTS)
+    except GrapeError as exc:  # pydantic reports ValueErrors as validation errors
+        raise ValueError(str(exc)) from None
+    return {} if value is True else dict(value)
 
 
 class GrapeArgs(BaseModel):
     """Adds ``grape:`` to Axolotl's config; absent (None) means the plugin does nothing."""
 
-    grape: Optional[dict[str, Any]] = None
-
-    @field_validator("grape", mode="before")
-    @classmethod
-    def _check_block(cls, value: Any) -> Optional[dict[str, Any]]:
-        if value is None or value is False:
-            return None
-        try:
-            BaseHost.options(value, {}, "grape", HINTS)
-        except GrapeError as exc:  # pydantic reports ValueErrors as validation errors
-            raise ValueError(str(exc)) from None
-        return {} if value is True else dict(value)
+    grape: Annotated[dict[str, Any] | None, BeforeValidator(check_block)] = None
