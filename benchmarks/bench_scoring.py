@@ -36,7 +36,7 @@ from pool_data import add_data_option
 from grape_plugin.hardware import native_bf16_cpu
 from grape_plugin.models import export_model, load_model
 from grape_plugin.render import Rendered, fit_length, paper_renderer, render_one
-from grape_plugin.scoring import Score, TransformersScorer, shared_prefixes
+from grape_plugin.scoring import SHARED_ROW_MAX, Score, TransformersScorer, job_rows, row_width, shared_prefixes
 
 
 def load_groups(n: int, pool: Path) -> list[list[dict]]:
@@ -112,9 +112,12 @@ def measure(fn, items: list[Rendered], repeats: int) -> dict:
     return {"tok_s": sum(len(r.input_ids) for r in items) / statistics.median(times), "scores": scores}
 
 
-def necessary_positions(items: list[Rendered]) -> int:
-    """Token positions that must run through the model: each shared prompt once, then every candidate's rest."""
-    return sum(shared + sum(len(items[i].input_ids) - shared for i in members) for shared, members in shared_prefixes(items))
+def necessary_positions(items: list[Rendered], pair_cost: float = 0.0) -> int:
+    """Token positions that must run through the model: each instruction's rows as the scorer plans them, a shared
+    prompt once where that saves work at ``pair_cost`` per attention pair (0: wherever it saves positions)."""
+    lengths = [len(r.input_ids) for r in items]
+    return sum(row_width(row, lengths.__getitem__) for job in shared_prefixes(items)
+               for row in job_rows(lengths, job, SHARED_ROW_MAX, pair_cost))  # fmt: skip
 
 
 def winners(groups: list[list[Rendered]], scores: list[Score]) -> list[int]:
@@ -183,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
             label = f"ours {dtype}"
             scorer = TransformersScorer(model.as_spec(), batch_tokens=args.batch_tokens)
             rows[label] = measure(scorer.score, items, args.repeats)
-            rows[label]["waste"] = scorer.positions_run / args.repeats / necessary_positions(items)
+            rows[label]["waste"] = scorer.positions_run / args.repeats / necessary_positions(items, scorer.pair_cost)
         want = winners(groups, base["scores"])
         for label, r in rows.items():
             diff = max(abs(a.mean - b.mean) for a, b in zip(r["scores"], base["scores"]))

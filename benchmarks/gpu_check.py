@@ -53,7 +53,7 @@ from pool_data import add_data_option  # noqa: E402
 
 from grape_plugin.hardware import native_bf16_cpu  # noqa: E402
 from grape_plugin.models import LoadedModel, embedded_smollm2, export_model, load_model  # noqa: E402
-from grape_plugin.scoring import TransformersScorer, shared_prefixes  # noqa: E402
+from grape_plugin.scoring import TransformersScorer, row_width, shared_prefixes  # noqa: E402
 
 PEAK_BF16_FLOPS = 989e12  # H100/H200 SXM, dense bf16
 TARGETS = {"exact": 1e-4, "bf16_agreement": 0.98, "mfu_pool": 0.50, "pool_vs_peer": 1.5, "pool_vs_padded": 1.0,
@@ -293,34 +293,30 @@ def throughput(model: Any, tok: Any, sizes: Sizes, pool: Path, log: Log) -> dict
 
 
 class Probe:
-    """While active, counts the transformers scorer's forward passes by shape (rows, query length, key length) and
+    """While active, counts the transformers scorer's forward passes by shape (rows, padded width) and
     the time the device spent on them: on CUDA, events from each pass's first kernel to its last (gaps between
     passes, where the device waits for the host, are not counted); elsewhere the wall time inside each pass."""
 
     def __init__(self) -> None:
-        self.shapes: Counter[tuple[int, int, int]] = Counter()
+        self.shapes: Counter[tuple[int, int]] = Counter()
         self.events: list[tuple[Any, Any]] = []
         self.host_s = 0.0
 
     def __enter__(self) -> "Probe":
         cls, probe = TransformersScorer, self
-        self.saved = batch, prompt = cls._score_batch, cls._prefix_cache
+        self.saved = batch = cls._score_batch
 
-        def score_batch(scorer: Any, items: list[Any], shared: int = 0, prefix: Any = None) -> Any:
-            width = max(len(r.input_ids) for r in items) - shared
-            probe.shapes[(1, sum(len(r.input_ids) for r in items), 0) if scorer.pack and not shared
-                         else (len(items), width, shared + width)] += 1  # fmt: skip
-            return probe.timed(lambda: batch(scorer, items, shared, prefix))
+        def score_batch(scorer: Any, rows: list[Any]) -> Any:
+            widths = [row_width(row, lambda r: len(r.input_ids)) for row in rows]
+            alone = all(shared == 0 and len(members) == 1 for shared, members in rows)
+            probe.shapes[(1, sum(widths)) if scorer.pack and alone else (len(rows), max(widths))] += 1
+            return probe.timed(lambda: batch(scorer, rows))
 
-        def prefix_cache(scorer: Any, ids: Any) -> Any:
-            probe.shapes[(1, len(ids), len(ids))] += 1
-            return probe.timed(lambda: prompt(scorer, ids))
-
-        cls._score_batch, cls._prefix_cache = score_batch, prefix_cache
+        cls._score_batch = score_batch
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        TransformersScorer._score_batch, TransformersScorer._prefix_cache = self.saved
+        TransformersScorer._score_batch = self.saved
 
     def timed(self, fn: Callable[[], Any]) -> Any:
         if not torch.cuda.is_available():

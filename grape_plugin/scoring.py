@@ -9,7 +9,6 @@ the device until the batch is done and reach the host in one copy, while the nex
 
 from __future__ import annotations
 
-import inspect
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Protocol, Sequence
 
 from .config import GrapeConfig
@@ -24,8 +23,10 @@ HEAD_BLOCK_BYTES = {"cpu": 1 << 26, "cuda": 1 << 29}  # fp32 logits of one block
 MAX_PADDING = 0.04  # a batch is cut rather than let padding pass this fraction of its positions, ...
 GPU_MIN_FILL = 0.5  # ... on a GPU only once it holds this fraction of the token budget (a small pass costs more)
 SHARE_MIN_SAVED = 256  # share an instruction's prefix when that saves at least this many token positions
+SHARED_ROW_MAX = 4096  # positions of a row that holds a prefix once and its items' rests (its mask is rows x width^2)
 
 Done = Callable[[Sequence[int], Sequence[Score]], None]  # indices of the items scored, and their scores
+Row = tuple[int, list[int]]  # a shared prefix length and the items whose rests follow it in one row (0: one item alone)
 
 
 class Scorer(Protocol):
@@ -52,16 +53,16 @@ class Scorer(Protocol):
 
 
 def token_batches(
-    items: Sequence[Rendered], batch_tokens: int, max_padding: float = 1.0, min_fill: float = 0.0
+    lengths: Sequence[int], batch_tokens: int, max_padding: float = 1.0, min_fill: float = 0.0
 ) -> Iterator[list[int]]:
-    """Indices of ``items``, longest first, in batches whose padded size stays within ``batch_tokens``; a batch
+    """Indices of ``lengths``, longest first, in batches whose padded size stays within ``batch_tokens``; a batch
     holding at least ``min_fill`` of ``batch_tokens`` is cut rather than let its padding pass ``max_padding``."""
-    order = sorted(range(len(items)), key=lambda i: -len(items[i].input_ids))
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batch: list[int] = []
     filled = 0
     for i in order:
-        size = len(items[i].input_ids)
-        width = len(items[batch[0]].input_ids) if batch else size
+        size = lengths[i]
+        width = lengths[batch[0]] if batch else size
         padded = width * (len(batch) + 1)
         full_enough = width * len(batch) >= min_fill * batch_tokens
         if batch and (padded > batch_tokens or (full_enough and 1 - (filled + size) / padded > max_padding)):
@@ -99,6 +100,40 @@ def shared_prefixes(items: Sequence[Rendered], min_saved: int = SHARE_MIN_SAVED)
     return [(0, sorted(alone))] + jobs if alone else jobs
 
 
+def prefix_rows(lengths: Sequence[int], shared: int, members: list[int], budget: int) -> list[Row]:
+    """A job's items as rows, each the shared prefix once and then the rests of as many items as fit ``budget``
+    positions (an item longer than that gets a row of its own)."""
+    rows, row, width = [], [], shared
+    for i in sorted(members, key=lambda i: -lengths[i]):
+        if row and width + lengths[i] - shared > budget:
+            rows.append((shared, row))
+            row, width = [], shared
+        row.append(i)
+        width += lengths[i] - shared
+    return rows + [(shared, row)]
+
+
+def job_rows(lengths: Sequence[int], job: tuple[int, list[int]], budget: int, pair_cost: float) -> list[Row]:
+    """A job's rows: shared when that saves at least ``SHARE_MIN_SAVED`` positions' worth of work, else each item
+    alone. A row's work is its positions plus ``pair_cost`` per attention pair (positions x positions: a row's
+    mask lets every rest skip the others, but the attention kernel still computes them)."""
+    shared, members = job
+    alone = [(0, [i]) for i in members]
+    if not shared:
+        return alone
+    together = prefix_rows(lengths, shared, members, budget)
+
+    def work(rows: list[Row]) -> float:
+        return sum(w + pair_cost * w * w for w in (row_width(r, lengths.__getitem__) for r in rows))
+
+    return together if work(together) + SHARE_MIN_SAVED <= work(alone) else alone
+
+
+def row_width(row: tuple[int, Sequence[Any]], length: Callable[[Any], int]) -> int:
+    shared, members = row
+    return shared + sum(length(m) - shared for m in members)
+
+
 class Pending:
     """A batch's results on their way to the host: per-row sums, and per-token log-probabilities and ranks when
     kept; ``event`` marks the end of their copy on a CUDA stream (None: they are on the host already)."""
@@ -123,9 +158,11 @@ class TransformersScorer:
     ``pack`` runs each batch as one padding-free row whose position ids restart per sequence; it is the
     default with flash-attention (its varlen kernel keeps sequences apart without a dense mask), while SDPA
     and eager attention get length-sorted padded batches. ``share_prefixes`` runs an instruction's prompt once
-    for all its candidates; by default it is on for CPUs and off for CUDA devices, where plain padded batches
-    were measured faster (docs/scoring.md). ``token_scores`` keeps each response token's log-probability and rank
-    in the scores; without it only sums and counts are computed and copied.
+    for all its candidates: a row holds the prompt and then every candidate's rest, each rest attending to the
+    prompt and to itself (a 4D mask and position ids; SDPA or eager attention, no sliding window). By default
+    it is on for CPUs and off for CUDA devices until measured faster there (docs/scoring.md). ``token_scores``
+    keeps each response token's log-probability and rank in the scores; without it only sums and counts are
+    computed and copied.
     """
 
     def __init__(
@@ -172,20 +209,27 @@ class TransformersScorer:
         attn = getattr(model.config, "_attn_implementation", None) or ""
         self.pack = self.pack_option if self.pack_option is not None else attn.startswith("flash_attention")
         self.cuda = self.head.weight.device.type == "cuda"
-        self.share = self.share_option if self.share_option is not None else not self.cuda
+        # a custom mask is honoured by these two, and stands for a sliding window only if there is none
+        layers = getattr(model.config, "layer_types", None)
+        window = "sliding_attention" in layers if layers else getattr(model.config, "sliding_window", None)
+        self.attn, can_share = attn, attn in ("sdpa", "eager") and not window
+        self.share = can_share and (self.share_option if self.share_option is not None else not self.cuda)
         self.min_fill = GPU_MIN_FILL if self.cuda else 0.0
+        # an attention pair (a query and a key: 4 FLOPs per layer and hidden unit) in positions (2 FLOPs a parameter)
+        cfg, embedding = model.config, model.get_input_embeddings().weight.numel()
+        weights = sum(p.numel() for p in self.body.parameters()) - embedding
+        pair_flops = 4 * getattr(cfg, "num_hidden_layers", 0) * getattr(cfg, "hidden_size", 0)
+        self.pair_cost = pair_flops / (2 * weights) if weights > 0 else 0.0
         rows = HEAD_BLOCK_BYTES["cuda" if self.cuda else "cpu"] // (4 * self.head.weight.shape[0])
         # a row of the head's logits takes about what 8 tokens of the body take (an 8B model, 128k vocabulary): a
         # block of at most an eighth of the batch's tokens stays within the memory the batch tokens allow
         self.head_rows = max(1, min(rows, self.batch_tokens // 8))
-        # transformers renamed ``past_key_values`` to ``cache``; the host frameworks pin releases on both sides
-        self.cache_kwarg = "cache" if "cache" in inspect.signature(self.body.forward).parameters else "past_key_values"
 
     def score(
         self, items: Sequence[Rendered], progress: Optional[Callable[[int], None]] = None, done: Optional[Done] = None
     ) -> list[Score]:
-        """Scores of ``items`` in one batching pass; each batch is handed to ``done`` (and counted in ``progress``)
-        once the next one is running."""
+        """Scores of ``items`` in one batching pass over rows (an item alone, or a shared prompt and the rests of its
+        candidates); each batch is handed to ``done`` (and counted in ``progress``) once the next one is running."""
         self.load()
         results: list[Optional[Score]] = [None] * len(items)
 
@@ -198,44 +242,38 @@ class TransformersScorer:
             if progress:
                 progress(sum(len(items[i].input_ids) for i in indices))
 
-        running: Optional[tuple[list[int], list[Any]]] = None
+        lengths = [len(item.input_ids) for item in items]
         jobs = shared_prefixes(items) if self.share else [(0, list(range(len(items))))]
-        for shared, members in jobs:
-            prefix = self._prefix_cache(items[members[0]].input_ids[:shared]) if shared else None
-            tails = [Rendered(items[i].input_ids[shared:], 0, 0) for i in members]
-            padding = 1.0 if self.pack and not shared else self.max_padding
-            for batch in token_batches(tails, self.batch_tokens, padding, self.min_fill):
-                indices = [members[b] for b in batch]
-                launched = self._score_backing_off([items[i] for i in indices], shared, prefix)
+        budget = min(self.batch_tokens, SHARED_ROW_MAX)
+        rows = [row for job in jobs for row in job_rows(lengths, job, budget, self.pair_cost)]
+        running: Optional[tuple[list[int], list[Any]]] = None
+        for kind in (False, True):  # items alone, then shared rows: a batch of the first needs no 4D mask
+            these = [row for row in rows if (row[0] > 0) == kind]
+            widths = [row_width(row, lengths.__getitem__) for row in these]
+            padding = 1.0 if self.pack and not kind else self.max_padding
+            for batch in token_batches(widths, self.batch_tokens, padding, self.min_fill):
+                chosen = [these[b] for b in batch]
+                launched = self._score_backing_off([(shared, [items[i] for i in m]) for shared, m in chosen])
                 if running:
                     finish(*running)
-                running = indices, launched
+                running = [i for _, m in chosen for i in m], launched
         if running:
             finish(*running)
         return results  # type: ignore[return-value]
 
-    def _prefix_cache(self, prefix: Any) -> Any:
-        """The key/value cache of a shared prefix, computed once."""
-        import torch
-
-        self.positions_run += len(prefix)
-        with torch.inference_mode():
-            ids = torch.as_tensor(prefix, dtype=torch.long, device=self.head.weight.device)[None]
-            return self.body(input_ids=ids, use_cache=True).past_key_values
-
-    def _score_backing_off(self, batch: list[Rendered], shared: int, prefix: Any) -> list[Any]:
-        """Launch a batch (``Pending`` results); on out-of-memory, halve it and go on."""
+    def _score_backing_off(self, rows: list[tuple[int, list[Rendered]]]) -> list[Any]:
+        """Launch a batch of rows (``Pending`` results); on out-of-memory, halve it and go on."""
         try:
-            return [self._score_batch(batch, shared, prefix)]
+            return [self._score_batch(rows)]
         except RuntimeError as exc:
-            if len(batch) == 1 or not is_oom(exc):
+            if len(rows) == 1 or not is_oom(exc):
                 raise
         import torch
 
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        half = len(batch) // 2
-        return self._score_backing_off(batch[:half], shared, prefix) + self._score_backing_off(batch[half:], shared, prefix)
+        half = len(rows) // 2
+        return self._score_backing_off(rows[:half]) + self._score_backing_off(rows[half:])
 
     def _to_device(self, tensor: Any) -> Any:
         """A host tensor on the model's device; from pinned memory without waiting, on CUDA."""
@@ -243,49 +281,54 @@ class TransformersScorer:
             return tensor
         return tensor.pin_memory().to(self.head.weight.device, non_blocking=True)
 
-    def _score_batch(self, batch: list[Rendered], shared: int = 0, prefix: Any = None) -> Pending:
-        """Run the body on ``batch`` (after a ``shared``-token prefix whose cache is ``prefix``), then the head."""
-        import copy
+    def _score_batch(self, rows: list[tuple[int, list[Rendered]]]) -> Pending:
+        """Run the body on a batch of rows, then the head on the positions that predict response tokens.
 
+        A row is one item (shared length 0), or a shared prefix once and then the rest of each of its items: there
+        each rest attends to the prefix and to itself, at the positions it would have alone."""
         import numpy as np
         import torch
 
-        tails = [r.input_ids[shared:] for r in batch]
+        batch = [r for _, members in rows for r in members]
         sizes = [r.n_tokens for r in batch]
         # position p predicts token p + 1: response tokens [start, end) are predicted at [start - 1, end - 1)
-        rows = torch.repeat_interleave(torch.arange(len(batch)), torch.tensor(sizes))
+        rows_of = torch.repeat_interleave(torch.arange(len(batch)), torch.tensor(sizes))
         targets = torch.from_numpy(np.concatenate([r.input_ids[r.start : r.end] for r in batch]).astype(np.int64))
-        if self.pack and prefix is None:
-            flat = torch.from_numpy(np.concatenate(tails).astype(np.int64))[None]
-            offsets = np.cumsum([0] + [len(t) for t in tails])
-            at = torch.from_numpy(np.concatenate([np.arange(r.start - 1, r.end - 1) + offsets[b]
-                                                  for b, r in enumerate(batch)]))
-            # no cache: transformers only derives the per-sequence (block-diagonal) mask from position ids without one
-            positions = torch.from_numpy(np.concatenate([np.arange(len(t)) for t in tails]))[None]
-            inputs = {"input_ids": flat, "position_ids": positions, "use_cache": False}
-            picks = torch.zeros_like(at), at
-        else:
-            width = max(len(t) for t in tails)
-            ids = np.zeros((len(batch), width), dtype=np.int64)
-            mask = np.zeros((len(batch), shared + width), dtype=np.int64)
-            mask[:, :shared] = 1
-            for b, tail in enumerate(tails):
-                ids[b, : len(tail)] = tail
-                mask[b, shared : shared + len(tail)] = 1
-            inputs = {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask), "use_cache": False}
-            if prefix is not None:
-                cache = copy.deepcopy(prefix)
-                cache.batch_repeat_interleave(len(batch))
-                inputs.update({self.cache_kwarg: cache, "use_cache": True})
-            at = torch.from_numpy(np.concatenate([np.arange(r.start - 1 - shared, r.end - 1 - shared) for r in batch]))
-            picks = rows, at
-        self.positions_run += inputs["input_ids"].numel()
+        width = max(row_width(row, lambda r: len(r.input_ids)) for row in rows)
+        ids, positions = np.zeros((len(rows), width), dtype=np.int64), np.zeros((len(rows), width), dtype=np.int64)
+        part = np.full((len(rows), width), -1, dtype=np.int64)  # 0: the shared prefix, k: the k-th rest, -1: padding
+        at_row, at = [], []
+        for b, (shared, members) in enumerate(rows):
+            ids[b, :shared], positions[b, :shared], part[b, :shared] = members[0].input_ids[:shared], range(shared), 0
+            offset = shared
+            for k, r in enumerate(members, 1):
+                n = len(r.input_ids) - shared
+                ids[b, offset : offset + n] = r.input_ids[shared:]
+                positions[b, offset : offset + n], part[b, offset : offset + n] = np.arange(shared, shared + n), k
+                at.append(np.arange(r.start - 1, r.end - 1) - shared + offset)
+                at_row.append(np.full(r.n_tokens, b))
+                offset += n
+        at_row, at = np.concatenate(at_row), np.concatenate(at)
+        alone = all(shared == 0 and len(m) == 1 for shared, m in rows)
+        if self.pack and alone:
+            # one padding-free row, position ids restarting per item; no cache: transformers only derives the
+            # per-sequence (block-diagonal) mask from position ids without one
+            real = part.reshape(-1) >= 0
+            inputs = {"input_ids": ids.reshape(-1)[real][None], "position_ids": positions.reshape(-1)[real][None]}
+            picks = np.zeros_like(at), np.flatnonzero(real).searchsorted(at_row * width + at)
+        elif alone:
+            inputs, picks = {"input_ids": ids, "attention_mask": (part >= 0).astype(np.int64)}, (at_row, at)
+        else:  # the parts go to the device, where they become the mask
+            inputs, picks = {"input_ids": ids, "position_ids": positions, "attention_mask": part}, (at_row, at)
+        self.positions_run += inputs["input_ids"].size
         with torch.inference_mode():
-            moved = {k: self._to_device(v) if torch.is_tensor(v) else v for k, v in inputs.items()}
-            hidden = self.body(**moved).last_hidden_state
-            picked = hidden[self._to_device(picks[0]), self._to_device(picks[1])]
+            moved = {k: self._to_device(torch.from_numpy(v)) for k, v in inputs.items()}
+            if not alone:
+                moved["attention_mask"] = self._shared_mask(moved["attention_mask"])
+            hidden = self.body(**moved, use_cache=False).last_hidden_state
+            picked = hidden[self._to_device(torch.from_numpy(picks[0])), self._to_device(torch.from_numpy(picks[1]))]
             del hidden
-            results = self._head(picked, self._to_device(targets), self._to_device(rows), len(batch))
+            results = self._head(picked, self._to_device(targets), self._to_device(rows_of), len(batch))
         if not self.cuda:
             return Pending(sizes, *results)
         host = [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in results]
@@ -295,6 +338,21 @@ class TransformersScorer:
         event = torch.cuda.Event()
         event.record()
         return Pending(sizes, *host, event)
+
+    def _shared_mask(self, part: Any) -> Any:
+        """The additive 4D mask of rows of parts (0: shared prefix, k: the k-th rest, -1: padding): a position sees
+        the positions before it in the prefix and in its own part; padding sees itself only."""
+        import torch
+
+        before = torch.ones(part.shape[1], part.shape[1], dtype=torch.bool, device=part.device).tril()
+        query, key = part[:, :, None], part[:, None, :]
+        seen = before & ((key == 0) | (key == query)) & (key >= 0)
+        seen |= torch.eye(part.shape[1], dtype=torch.bool, device=part.device)
+        if self.attn == "sdpa":  # SDPA takes a boolean mask as it is (its fused CPU kernels too)
+            return seen[:, None]
+        dtype = self.head.weight.dtype
+        mask = torch.zeros(seen.shape, dtype=dtype, device=part.device)
+        return mask.masked_fill_(~seen, torch.finfo(dtype).min)[:, None]
 
     def _head(self, picked: Any, targets: Any, rows: Any, n_rows: int) -> tuple[Any, Any, Any]:
         """The LM head on the picked positions, a block of rows at a time: per-row fp64 sums of the targets' fp32

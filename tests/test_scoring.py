@@ -9,7 +9,7 @@ from tests.helpers import build_tiny_model, pool_rows, render_pair
 from grape_plugin import GrapeError
 from grape_plugin.models import load_model
 from grape_plugin.render import Rendered, chat_renderer, fit_length, paper_renderer
-from grape_plugin.scoring import TransformersScorer, shared_prefixes, token_batches
+from grape_plugin.scoring import TransformersScorer, prefix_rows, row_width, shared_prefixes, token_batches
 
 PROMPT = [{"role": "user", "content": "Name a colour."}]
 
@@ -68,25 +68,37 @@ def test_scores_equal_direct_computation_batched_or_not(loaded, spec):
         assert abs(a.mean - direct_mean(loaded.model, list(item.input_ids), item.start, item.end)) < 1e-5
 
 
-def long_prompt_items(loaded, n: int = 5) -> list[Rendered]:
+def long_prompt_items(loaded, n: int = 5, turn: int = 0) -> list[Rendered]:
     """Candidates behind a long shared prompt (earlier turns of a chat), as in multi-turn data."""
     rows = pool_rows(3)
-    history = [{"role": "user", "content": rows[0]["instruction"]}, {"role": "assistant", "content": rows[0]["output"][:700]}]
-    prompt = history + [{"role": "user", "content": rows[8]["instruction"]}]
+    earlier = rows[8 * turn]
+    history = [{"role": "user", "content": earlier["instruction"]}, {"role": "assistant", "content": earlier["output"][:700]}]
+    prompt = history + [{"role": "user", "content": rows[8 + 8 * turn]["instruction"]}]
     render = paper_renderer(loaded.tokenizer)
-    return [render_pair(render, prompt, r["output"][: 80 + 40 * i]) for i, r in enumerate(rows[8 : 8 + n])]
+    return [render_pair(render, prompt, r["output"][: 80 + 40 * i]) for i, r in enumerate(rows[8 + 8 * turn :][:n])]
 
 
 def test_shared_prefix_scores_are_exact_and_cheaper(loaded, spec):
     items = long_prompt_items(loaded)
     assert shared_prefixes(items)[0][0] > 100  # one job sharing the long prompt
     plain = TransformersScorer(spec, share_prefixes=False)
-    shared = TransformersScorer(spec, batch_tokens=300)  # several suffix batches reuse one prefix cache
+    shared = TransformersScorer(spec, batch_tokens=2000)  # one row: the prompt once, then every candidate's rest
     a, b = plain.score(items), shared.score(items)
-    assert shared.positions_run < 0.6 * plain.positions_run
+    assert shared.share and shared.positions_run < 0.6 * plain.positions_run
     for item, x, y in zip(items, a, b):
         assert x.n_tokens == y.n_tokens and abs(x.mean - y.mean) < 1e-5
         assert abs(y.mean - direct_mean(loaded.model, list(item.input_ids), item.start, item.end)) < 1e-5
+
+
+def test_shared_rows_are_exact_however_the_rows_fall(loaded, spec):
+    """Several rows per prompt, several prompts per batch, padding between, and an item alone beside them."""
+    alone = [render_pair(paper_renderer(loaded.tokenizer), PROMPT, "Green.")]
+    items = long_prompt_items(loaded) + alone + long_prompt_items(loaded, n=4, turn=1)
+    assert len(shared_prefixes(items)) == 3  # two shared prompts and the item alone
+    direct = [direct_mean(loaded.model, list(r.input_ids), r.start, r.end) for r in items]
+    for budget in (400, 1000, 100_000):
+        scorer = TransformersScorer(spec, batch_tokens=budget, max_padding=1.0)
+        assert all(abs(s.mean - d) < 1e-5 and s.n_tokens == r.n_tokens for s, d, r in zip(scorer.score(items), direct, items))
 
 
 def test_packed_rows_score_like_padded_batches(loaded, spec):
@@ -99,20 +111,28 @@ def test_packed_rows_score_like_padded_batches(loaded, spec):
 
 
 def test_token_batches_respect_the_budget():
-    items = [Rendered(tuple(range(n)), 1, n) for n in (5, 9, 3, 9, 2)]
-    batches = list(token_batches(items, 18))
+    sizes = [5, 9, 3, 9, 2]
+    batches = list(token_batches(sizes, 18))
     assert sorted(i for b in batches for i in b) == [0, 1, 2, 3, 4]
-    assert all(len(b) * max(len(items[i].input_ids) for i in b) <= 18 or len(b) == 1 for b in batches)
+    assert all(len(b) * max(sizes[i] for i in b) <= 18 or len(b) == 1 for b in batches)
     assert batches[0] == [1, 3]  # longest first
-    for batch in token_batches(items, 1000, max_padding=0.25):
-        lengths = [len(items[i].input_ids) for i in batch]
+    for batch in token_batches(sizes, 1000, max_padding=0.25):
+        lengths = [sizes[i] for i in batch]
         assert 1 - sum(lengths) / (max(lengths) * len(lengths)) <= 0.25
 
 
 def test_a_gpu_batch_is_cut_for_padding_only_once_it_is_half_full():
-    items = [Rendered(tuple(range(n)), 1, n) for n in (100, 60, 59, 58, 57, 20)]
-    assert list(token_batches(items, 1000, max_padding=0.04)) == [[0], [1, 2, 3, 4], [5]]
-    assert list(token_batches(items, 1000, max_padding=0.04, min_fill=0.5)) == [[0, 1, 2, 3, 4], [5]]
+    sizes = [100, 60, 59, 58, 57, 20]
+    assert list(token_batches(sizes, 1000, max_padding=0.04)) == [[0], [1, 2, 3, 4], [5]]
+    assert list(token_batches(sizes, 1000, max_padding=0.04, min_fill=0.5)) == [[0, 1, 2, 3, 4], [5]]
+
+
+def test_prefix_rows_hold_the_prefix_once_and_fit_the_budget():
+    sizes = [100, 40, 70, 60, 200]  # item 4 alone is longer than the budget
+    rows = prefix_rows(sizes, 30, [0, 1, 2, 3, 4], budget=150)
+    assert sorted(i for _, row in rows for i in row) == [0, 1, 2, 3, 4] and all(s == 30 for s, _ in rows)
+    assert rows[0] == (30, [4]) and all(row_width(r, sizes.__getitem__) <= 150 for r in rows[1:])
+    assert len(rows) == 3  # 30 + 70 + 40, then 30 + 30 + 10: the rests of items 0 and 2, then of 3 and 1
 
 
 def test_one_pass_hands_each_batch_over_once_and_keeps_arrays_only_when_asked(loaded, spec):
@@ -137,11 +157,11 @@ def test_out_of_memory_halves_the_batch(loaded, spec, monkeypatch):
     expected = TransformersScorer(spec, batch_tokens=1).score(items)
     real, sizes = scorer._score_batch, []
 
-    def flaky(batch, *prefix):
-        sizes.append(len(batch))
-        if len(batch) > 1:
+    def flaky(rows):
+        sizes.append(len(rows))
+        if len(rows) > 1:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return real(batch, *prefix)
+        return real(rows)
 
     monkeypatch.setattr(scorer, "_score_batch", flaky)
     got = scorer.score(items)
