@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional
 
 from .components import Components
 from .config import GrapeConfig
@@ -70,7 +70,7 @@ class FileHost(BaseHost):
     def __init__(self, data: FileInput, out: Optional[str | Path] = None):
         super().__init__(data.parts)
         self.data, self.where = data, str(data.path)
-        self.out = None if out is None else output_folder(out, data.path)
+        self.out = None if out is None else output_folder(out, [data.path])
 
     def read(self) -> Grouped:
         return self.data.grouped
@@ -96,11 +96,12 @@ class FileHost(BaseHost):
         fill(folder)
 
 
-def output_folder(out: str | Path, source: Path) -> Path:
-    """``-o OUT``, refused when it holds the input or is a file."""
-    folder, source = Path(out).resolve(), source.resolve()
-    if folder == source or source.is_relative_to(folder):
-        raise GrapeError(f"-o {out}: the output folder holds the input {source}; choose another folder")
+def output_folder(out: str | Path, sources: Iterable[Path]) -> Path:
+    """``-o OUT``, refused when it holds any of the input files ``sources`` or is a file."""
+    folder = Path(out).resolve()
+    for source in (s.resolve() for s in sources):
+        if source.is_relative_to(folder):
+            raise GrapeError(f"-o {out}: the output folder holds the input {source}; choose another folder")
     if folder.exists() and not folder.is_dir():
         raise GrapeError(f"-o {out}: exists and is not a folder")
     return folder

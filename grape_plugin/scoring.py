@@ -340,8 +340,9 @@ class TransformersScorer:
         return Pending(sizes, *host, event)
 
     def _shared_mask(self, part: Any) -> Any:
-        """The additive 4D mask of rows of parts (0: shared prefix, k: the k-th rest, -1: padding): a position sees
-        the positions before it in the prefix and in its own part; padding sees itself only."""
+        """The 4D mask of rows of parts (0: shared prefix, k: the k-th rest, -1: padding), boolean for SDPA and
+        additive for eager attention: a position sees the positions before it in the prefix and in its own part;
+        padding sees itself only."""
         import torch
 
         before = torch.ones(part.shape[1], part.shape[1], dtype=torch.bool, device=part.device).tril()

@@ -343,3 +343,14 @@ def test_over_length_truncate_scores_a_long_candidate_as_llamafactory_cuts_it(lf
     set_grape(data, over_length="truncate", top_k=2)
     again, _ = select(cfg, tmp_path / "two")
     assert again["scored"] == 0 and again["truncated"] == report["truncated"]
+
+
+def test_offline_select_refuses_a_folder_that_holds_the_runs_data(lf_model, tmp_path, capsys):
+    data = make_data(tmp_path)
+    before = digest(data)
+    cfg = write_config(tmp_path / "train.yaml", lf_model, data)
+    for out in (data, tmp_path):  # the dataset_dir itself (its dataset_info.json), and a folder above the files
+        assert main(["llamafactory", "select", str(cfg), "-o", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert f"-o {out}: the output folder holds the input" in err and "Traceback" not in err
+    assert digest(data) == before, "the user's files were modified"

@@ -30,6 +30,7 @@ from grape_plugin.components import Components
 from grape_plugin.config import GrapeConfig, default_cache_dir
 from grape_plugin.datafiles import read_dataset, safe_filename
 from grape_plugin.errors import GrapeError, input_error
+from grape_plugin.files import output_folder
 from grape_plugin.formats import Context, Format, Input, group_rows
 from grape_plugin.host import BaseHost, Prepared, prepare
 from grape_plugin.records import Candidate, Draft, Drops, Group, Grouped, Reason, Selection
@@ -367,12 +368,10 @@ def select(argv: list[str], out: str) -> str:
     """The selection (from the cache, or selected now) copied to ``out`` for a plain ``llamafactory-cli train``;
     the command that trains on it."""
     LOG.setLevel(logging.INFO)
-    host, target = plan(compat.read_args(argv)), Path(out).resolve()
+    host = plan(compat.read_args(argv))
     if host is None:
         raise GrapeError("nothing to select: no dataset of this run has a 'grape' key in its dataset_info.json entry")
-    inputs = [Path(f).resolve() for e in host.entries for f in e.files]
-    if target == Path(host.data_args.dataset_dir).resolve() or any(p.is_relative_to(target) for p in inputs):
-        raise GrapeError(f"-o {out}: holds the run's own data; choose another folder")
+    target = output_folder(out, [Path(host.where), *(Path(f) for e in host.entries for f in e.files)])
     prepared = prepare(host)
     shutil.copytree(prepared.folder, target, dirs_exist_ok=True)
     log_selection(prepared)
