@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Any, Literal, Optional, Sequence, Union, get_args, get_origin
+from typing import Any, Callable, Literal, Optional, Sequence, Union, get_args, get_origin
 
 from pydantic.fields import FieldInfo
 
@@ -160,12 +160,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    return guarded(lambda: args.func(args))
+
+
+def guarded(command: Callable[[], Optional[int]]) -> int:
+    """A command's exit code; a ``GrapeError`` ends it with its one-line message and code 2, never a traceback."""
     try:
-        args.func(args)
+        return command() or 0
     except GrapeError as exc:
         print(f"grape-plugin: error: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -243,7 +243,9 @@ class Format:
     def detect(self, ctx: Context) -> bool:
         raise NotImplementedError
 
-    def read_row(self, row: dict, i: int, ctx: Context) -> Iterator[Draft]:
+    def read_row(self, row: dict, i: int, ctx: Context) -> Iterator[Draft | Reason]:
+        """A ``Draft`` per candidate of row ``i``; a ``Reason`` for a candidate the row holds but the host would drop
+        (counted under that reason)."""
         raise NotImplementedError
 
     def prepared(self, rows: Any, ctx: Context) -> Context:
@@ -768,11 +770,12 @@ def outline(draft: Draft, part: int) -> tuple[str, CandidateOutline]:
                                                                      text_digest(cand.response), chars)  # fmt: skip
 
 
-def read_drafts(inputs: Sequence[Input]) -> tuple[list[Read], Counter, list[str]]:
-    """Every draft of every input, as outlines, with the skipped rows counted by reason (``on_bad_row: skip``) and
-    the first few named; a bad row otherwise stops the run with a message that names the option."""
+def read_drafts(inputs: Sequence[Input]) -> tuple[list[Read], Drops, list[str]]:
+    """Every draft of every input, as outlines; the candidates a format dropped and the skipped rows
+    (``on_bad_row: skip``), counted by reason, with the first few rows named. A bad row otherwise stops the run with a
+    message that names the option."""
     reads: list[Read] = []
-    skipped: Counter = Counter()
+    skipped, dropped = Counter(), Counter()
     examples: list[str] = []
     for part, (rows, fmt, ctx, _) in enumerate(inputs):
         ctx = fmt.prepared(rows, ctx)
@@ -787,8 +790,9 @@ def read_drafts(inputs: Sequence[Input]) -> tuple[list[Read], Counter, list[str]
                 examples += [str(exc)][: SKIP_EXAMPLES - len(examples)]
                 continue
             row_id = None if id_col is None or row.get(id_col) is None else str(row[id_col])
-            reads += [Read(part, i, row_id, *outline(d, part)) for d in drafts]
-    return reads, skipped, examples
+            reads += [Read(part, i, row_id, *outline(d, part)) for d in drafts if isinstance(d, Draft)]
+            dropped.update(d for d in drafts if isinstance(d, Reason))
+    return reads, Drops.of(dropped, rows=skipped), examples
 
 
 def batch_rows(batch: dict[str, list]) -> list[dict]:
@@ -825,7 +829,8 @@ def loader(inputs: Sequence[Input]) -> Loader:
             ctx = contexts[part]
             indices = [r for p, r in wanted if p == part]
             for i, row in zip(indices, fetch_rows(rows, indices)):
-                drafts.update(((part, i, d.candidate.item), d) for d in fmt.read_row(row, i, ctx))
+                read = [d for d in fmt.read_row(row, i, ctx) if isinstance(d, Draft)]
+                drafts.update(((part, i, d.candidate.item), d) for d in read)
         out = []
         for g in groups:
             found = [drafts[(c.part, c.row, c.item)] for c in g.candidates]
@@ -840,7 +845,7 @@ def group_rows(inputs: Sequence[Input], min_candidates: int, limit: Optional[int
     docstring); ``limit`` keeps the first N instructions. ``Input.rows`` must allow reading a row by its index."""
     from .datafiles import release_memory
 
-    reads, skipped, examples = read_drafts(inputs)
+    reads, dropped, examples = read_drafts(inputs)
     ids_per_row = Counter({(r.part, r.row): r.id for r in reads if r.id is not None}.values())
     by_id = any(n > 1 for n in ids_per_row.values()) or any(i.context.cfg.group_by not in ("auto", "prompt")
                                                             for i in inputs)  # fmt: skip
@@ -863,7 +868,7 @@ def group_rows(inputs: Sequence[Input], min_candidates: int, limit: Optional[int
     grouped = finish_groups([g.with_candidates(c) for g, c in list(drafts.values())[:limit]], min_candidates)
     del reads  # before giving its memory back
     release_memory()  # the rows' texts, read to group them
-    return replace(grouped, drops=grouped.drops + Drops.of(rows=skipped), skipped=tuple(examples), load=loader(inputs),
+    return replace(grouped, drops=grouped.drops + dropped, skipped=tuple(examples), load=loader(inputs),
                    reading=tuple(reading(i.format, i.context) for i in inputs))
 
 

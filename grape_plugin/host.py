@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
 from .components import HOST_TEMPLATE, Components
 from .config import GrapeConfig
 from .errors import GrapeError
+from .formats import Input, group_rows
 from .pipeline import run_groups
 from .records import Grouped, Selection
 from .render import Renderer
@@ -78,12 +79,17 @@ class Host(Protocol):
 
 
 class BaseHost:
-    """Defaults for a host: the configured scorer and template, no caps, rank 0 writes, folders appear whole."""
+    """Defaults for a host: its ``inputs`` grouped across them, the configured scorer and template, no caps, rank 0
+    writes, folders appear whole."""
 
     where = "input"
+    inputs: Sequence[Input] = ()  # one per entry of the host's data (its own reading options in its context)
 
     def __init__(self, parts: Components):
         self.cfg, self.parts = parts.cfg, parts
+
+    def read(self) -> Grouped:
+        return group_rows(self.inputs, self.cfg.min_candidates)
 
     def scorer(self) -> Scorer:
         return self.parts.make_scorer()

@@ -95,6 +95,22 @@ def test_min_candidates_drops_and_counts(tmp_path):
     assert data.grouped.drops.as_dict() == {"candidates": {"too_few_candidates": 1}, "instructions": {"too_few_candidates": 1}, "rows": {}}
 
 
+def test_a_format_may_drop_a_candidate_by_reason(tmp_path):
+    """A host's format yields a ``Reason`` for a candidate its host would drop: counted, and the rest load back."""
+    from grape_plugin.formats import Context, Input, LongRows, group_rows
+    from grape_plugin.records import Reason
+
+    class EmptyDropped(LongRows):
+        def read_row(self, row, i, ctx):
+            yield from [Reason.INVALID_EXAMPLE] if not row["output"] else super().read_row(row, i, ctx)
+
+    rows = [{"instruction": "x", "output": o} for o in ("1", "", "2", "")]
+    cfg = GrapeConfig(cache_dir=None)
+    grouped = group_rows([Input(rows, EmptyDropped(), Context("f", ["instruction", "output"], cfg))], 1)
+    assert grouped.drops.as_dict()["candidates"] == {"invalid_example": 2}
+    assert [c.response for c in grouped.load(grouped.groups)[0].candidates] == ["1", "2"]
+
+
 def test_parquet_csv_and_saved_dataset(tmp_path):
     from datasets import Dataset
 

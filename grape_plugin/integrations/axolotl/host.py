@@ -8,16 +8,14 @@ chat templates that includes the end-of-turn token). The kept rows are written, 
 ``{dataset_prepared_path}/grape/{key}/`` with the reports, and Axolotl then tokenises and caches them as usual.
 """
 
-import hashlib
-import json
 import logging
 import os
 from pathlib import Path
 from typing import Any
 
-from grape_plugin import Candidate, Components, GrapeError, Group, Grouped, Selection
+from grape_plugin import Candidate, Components, GrapeError, Group, Selection
 from grape_plugin.datafiles import pick_split
-from grape_plugin.formats import ADDED_RESPONSE, Context, Input, all_rows, detect_format, group_rows
+from grape_plugin.formats import ADDED_RESPONSE, Context, Input, detect_format
 from grape_plugin.host import BaseHost, prepare
 from grape_plugin.render import Rendered, Renderer, labelled_span
 from grape_plugin.scoring import Scorer
@@ -57,14 +55,6 @@ def repoint(entry: Any, path: Path) -> Any:
     """The entry with its source replaced by the selected JSONL; type, roles and field mappings stay."""
     kept = {k: v for k, v in entry.items() if k not in SOURCE_KEYS}
     return compat.DictDefault({**kept, "path": str(path.resolve()), "ds_type": "json"})
-
-
-def row_digest(rows: Any) -> str:
-    """A hash of every row, so the selection's key changes whenever the rows do."""
-    digest = hashlib.sha256()
-    for row in all_rows(rows):
-        digest.update(json.dumps(row, sort_keys=True, ensure_ascii=False, default=str).encode() + b"\n")
-    return digest.hexdigest()
 
 
 def load_input(run: Any, parts: Components, i: int, entry: Any) -> Input:
@@ -118,11 +108,8 @@ class AxolotlHost(BaseHost):
         return self.model_scorer("axolotl", tokenizer, weights, settings, lambda: compat.load_model(run, tokenizer))
 
     def key_parts(self) -> dict[str, Any]:
-        datasets = [{"entry": dict(e), "rows": row_digest(i.rows)} for e, i in zip(self.run.datasets, self.inputs)]
+        datasets = [{"entry": dict(e), "rows": i.rows._fingerprint} for e, i in zip(self.run.datasets, self.inputs)]
         return {"axolotl": {k: self.run.get(k) for k in TOKENIZING_KEYS}, "datasets": datasets}
-
-    def read(self) -> Grouped:
-        return group_rows(self.inputs, self.cfg.min_candidates)
 
     def train_renderer(self, scorer: Scorer) -> Renderer:
         """``template: train``: each candidate's training row through its entry's prompt strategy."""

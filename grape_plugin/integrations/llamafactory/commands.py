@@ -17,13 +17,13 @@ are replaced by their GRAPE selection, scored with the run's model and template;
 Options: grape_plugin/integrations/llamafactory/README.md."""
 
 
-def cmd_llamafactory_train(args: argparse.Namespace) -> None:
+def cmd_llamafactory_train(args: argparse.Namespace) -> int:
     from .host import train
 
     if not args.args or args.args[0] in ("-h", "--help"):
         print(args.usage())
-    elif code := train(args.args):
-        raise SystemExit(code)
+        return 0
+    return train(args.args)
 
 
 def cmd_llamafactory_select(args: argparse.Namespace) -> None:

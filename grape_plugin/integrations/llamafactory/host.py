@@ -18,7 +18,6 @@ import os
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass, replace
 from functools import cached_property
 from itertools import chain
 from pathlib import Path
@@ -31,9 +30,9 @@ from grape_plugin.config import GrapeConfig, default_cache_dir
 from grape_plugin.datafiles import read_dataset, safe_filename
 from grape_plugin.errors import GrapeError, input_error
 from grape_plugin.files import output_folder
-from grape_plugin.formats import Context, Format, Input, group_rows
+from grape_plugin.formats import Context, Format, Input
 from grape_plugin.host import BaseHost, Prepared, prepare
-from grape_plugin.records import Candidate, Draft, Drops, Group, Grouped, Reason, Selection
+from grape_plugin.records import Candidate, Draft, Group, Reason, Selection
 from grape_plugin.render import Rendered, labelled_span
 from grape_plugin.scoring import Scorer
 
@@ -61,8 +60,6 @@ MODEL_KEYS = (
 HINTS = {  # LLaMA-Factory's words for the options the run decides (grape_plugin.host.HOST_DECIDES), and more
     "model": "the scoring model is the run's model_name_or_path (with adapter_name_or_path)",
     "revision": "set model_revision in the training config",
-    "trust_remote_code": "set trust_remote_code in the training config",
-    "dtype": "the run's bf16/fp16/infer_dtype decide the dtype",
     "format": "the entry's formatting and columns say how rows read",
     "response_column": "name the response column under the entry's columns",
     "split": "an entry reads its files' rows; LLaMA-Factory's own \"split\" key is the entry's",
@@ -70,41 +67,21 @@ HINTS = {  # LLaMA-Factory's words for the options the run decides (grape_plugin
 READING_KEYS = ("group_by", "source_column", "candidates_column", "on_bad_row")  # how one entry's rows read: may differ
 
 
-@dataclass(frozen=True)
-class Entry:
-    """One ``dataset_info.json`` entry with a ``grape`` option: its info, LLaMA-Factory's DatasetAttr, its files."""
-
-    name: str
-    info: dict[str, Any]
-    attr: Any
-    cfg: GrapeConfig
-    files: list[str]
-
-    def identity(self) -> list:
-        """What the entry's selection depends on: its info and its files (path, size, mtime)."""
-        return [self.name, self.info, [(f, (s := os.stat(f)).st_size, s.st_mtime_ns) for f in self.files]]
-
-    def rows(self) -> Any:
-        """Its rows (a file, or a folder's files), with errors naming file and row."""
-        from datasets import concatenate_datasets
-
-        return concatenate_datasets([read_dataset(f) for f in self.files])
-
-
-class EntryRows(Format):
-    """One entry's rows through LLaMA-Factory's converter; rows it would drop at the SFT stage are counted."""
+class Entry(Format):
+    """One ``dataset_info.json`` entry with a ``grape`` option: its rows through LLaMA-Factory's converter (``attr``
+    is its DatasetAttr); rows it would drop at the SFT stage are counted."""
 
     name = "llamafactory"
     options = frozenset({"source_column", "candidates_column"})
 
-    def __init__(self, entry: Entry, convert: Any):
-        self.entry, self.convert, self.invalid = entry, convert, 0
+    def __init__(self, entry: str, attr: Any, files: list[str], convert: Any):
+        self.entry, self.attr, self.files, self.convert = entry, attr, files, convert
 
     def expand(self, row: dict, i: int, col: Optional[str], ctx: Context) -> list[tuple[dict, Optional[int]]]:
         """The row itself, or one row per item of the candidates column (set as the entry's response)."""
         if col is None:
             return [(row, None)]
-        items, a = row.get(col), self.entry.attr
+        items, a = row.get(col), self.attr
         if not isinstance(items, list) or not items or not all(isinstance(x, str) for x in items):
             raise input_error(ctx.file, i, col, "must be a non-empty list of candidate response strings")
         if a.formatting == "alpaca":
@@ -114,7 +91,7 @@ class EntryRows(Format):
         return [({**row, a.messages: t}, j) for j, t in enumerate(turns)]
 
     def read_row(self, row, i, ctx):
-        col, ranking = ctx.cfg.candidates_column, self.entry.attr.ranking
+        col, ranking = ctx.cfg.candidates_column, self.attr.ranking
         for one, item in self.expand(row, i, col, ctx):
             try:
                 aligned = self.convert(one)
@@ -123,7 +100,7 @@ class EntryRows(Format):
                                   "(map the columns it has under \"columns\")") from None  # fmt: skip
             responses = aligned["_response"]
             if len(aligned["_prompt"]) % 2 != 1 or len(responses) != (2 if ranking else 1):
-                self.invalid += 1
+                yield Reason.INVALID_EXAMPLE
                 continue
             system = [{"role": "system", "content": aligned["_system"]}] if aligned["_system"] else []
             prompt = system + [{"role": ROLES[m["role"]], "content": m["content"]} for m in aligned["_prompt"]]
@@ -131,9 +108,28 @@ class EntryRows(Format):
             if ranking:
                 sources, items = ("chosen", "rejected"), (0, 1)
             else:
-                sources, items = (self.source(row, ctx) or (f"{col}[{item}]" if col else self.entry.name),), (item,)
+                sources, items = (self.source(row, ctx) or (f"{col}[{item}]" if col else self.entry),), (item,)
             for source, j, answer in zip(sources, items, responses):
                 yield Draft(prompt, Candidate(answer["content"], source, i, item=j), context)
+
+
+def entry_input(name: str, attr: Any, cfg: GrapeConfig, data_args: Any) -> Input:
+    """A local entry's rows (a file, or a folder's files, as LLaMA-Factory lists them), read as that entry."""
+    from datasets import concatenate_datasets
+
+    where, path = (os.path.join(data_args.dataset_dir, n) for n in (DATA_CONFIG, attr.dataset_name))
+    if attr.load_from != "file":
+        raise GrapeError(f"{where}: dataset '{name}' loads from {attr.load_from}; GRAPE selection reads local files "
+                         "only (download it and point file_name at it)")  # fmt: skip
+    if not os.path.exists(path):
+        raise GrapeError(f"{where}: dataset '{name}': file_name {attr.dataset_name}: no such file in "
+                         f"{data_args.dataset_dir}")  # fmt: skip
+    files = [os.path.join(path, f) for f in os.listdir(path)] if os.path.isdir(path) else [path]
+    rows = concatenate_datasets([read_dataset(f) for f in files])
+    entry = Entry(name, attr, files, compat.get_dataset_converter(attr.formatting, attr, data_args))
+    ctx = Context(files[0], list(rows.column_names), cfg)
+    entry.check(ctx, None)
+    return Input(rows, entry, ctx, data_args.max_samples)
 
 
 class TrainRenderer:
@@ -159,12 +155,15 @@ class TrainRenderer:
 
 
 class LlamaFactoryHost(BaseHost):
-    """The GRAPE host contract for one LLaMA-Factory run (see ``grape_plugin.host``)."""
+    """The GRAPE host contract for one LLaMA-Factory run (see ``grape_plugin.host``): ``inputs`` are its grape
+    entries (``Entry``)."""
 
-    def __init__(self, args: Any, parsed: tuple, info_path: str, info: dict, entries: list[Entry], cfg: GrapeConfig):
+    def __init__(self, args: Any, parsed: tuple, info: dict, inputs: list[Input], cfg: GrapeConfig):
         super().__init__(Components.of(cfg, host_template=True))
-        self.args, self.where, self.info, self.entries = args, info_path, info, entries
+        self.args, self.info, self.inputs = args, info, inputs
         self.model_args, self.data_args, self.training_args, self.finetuning_args = parsed
+        self.where = os.path.join(self.data_args.dataset_dir, DATA_CONFIG)
+        self.entries: list[Entry] = [i.format for i in inputs]
 
     @cached_property
     def tokenizer(self) -> tuple[Any, Any, Any]:
@@ -183,29 +182,9 @@ class LlamaFactoryHost(BaseHost):
                                  lambda: compat.load_model(tokenizer, copy.deepcopy(m), f, is_trainable=False))
 
     def key_parts(self) -> Mapping[str, Any]:
-        d = self.data_args
-        return {
-            "llamafactory": compat.VERSION,
-            "entries": [e.identity() for e in self.entries],
-            "info": self.info,
-            "dirs": [os.path.abspath(d.dataset_dir), os.path.abspath(d.media_dir)],
-            "data": {k: getattr(d, k, None) for k in DATA_KEYS},
-        }
-
-    def read(self) -> Grouped:
-        """Every entry's candidates, grouped across entries; ``max_samples`` reads the first N instructions of each."""
-        d = copy.copy(self.data_args)
-        d.media_dir = os.path.abspath(d.media_dir)  # media paths are written absolute
-        inputs = []
-        for e in self.entries:
-            rows = e.rows()
-            ctx = Context(e.files[0], list(rows.column_names), e.cfg)
-            fmt = EntryRows(e, compat.get_dataset_converter(e.attr.formatting, e.attr, d))
-            fmt.check(ctx, None)
-            inputs.append(Input(rows, fmt, ctx, d.max_samples))
-        grouped = group_rows(inputs, self.cfg.min_candidates)
-        invalid = Drops.of({Reason.INVALID_EXAMPLE: sum(i.format.invalid for i in inputs)})
-        return replace(grouped, drops=grouped.drops + invalid)
+        d, rows = self.data_args, [i.rows._fingerprint for i in self.inputs]
+        return {"llamafactory": compat.VERSION, "info": self.info, "rows": rows, "media_dir": d.media_dir,
+                "dataset_dir": os.path.abspath(d.dataset_dir), "data": {k: getattr(d, k, None) for k in DATA_KEYS}}
 
     def train_renderer(self, scorer: Scorer) -> TrainRenderer:
         _, processor, template = self.tokenizer
@@ -228,11 +207,11 @@ class LlamaFactoryHost(BaseHost):
             messages = [*group.context["_prompt"], {"role": "assistant", "content": cand.response}]
             rows[cand.part].append({"messages": messages, **{k[1:]: group.context[k] for k in ALIGNED[1:]}})
         info = {name: absolute_entry(entry, self.data_args.dataset_dir) for name, entry in self.info.items()}
-        files = {e.name: folder / safe_filename(e.name, ".jsonl") for e in self.entries}
-        for e, kept in zip(self.entries, rows):
-            num = {"num_samples": e.info["num_samples"]} if e.info.get("num_samples") is not None else {}
-            info[e.name] = {"file_name": files[e.name].name, **SHAREGPT_ENTRY, **num}
-            files[e.name].write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
+        files = {e.entry: folder / safe_filename(e.entry, ".jsonl") for e in self.entries}
+        for (name, path), kept in zip(files.items(), rows):
+            num = {"num_samples": n} if (n := self.info[name].get("num_samples")) is not None else {}
+            info[name] = {"file_name": path.name, **SHAREGPT_ENTRY, **num}
+            path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
         (folder / DATA_CONFIG).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
         return {"dataset_info": folder / DATA_CONFIG, **files}
 
@@ -244,10 +223,10 @@ class LlamaFactoryHost(BaseHost):
     def redirect(self, folder: Path) -> Any:
         """The run's arguments with ``dataset_dir`` at the selection (``media_dir`` stays the original one); an entry
         none of whose candidates won is left out, with a warning."""
-        empty = sorted(e.name for e in self.entries if (folder / safe_filename(e.name, ".jsonl")).stat().st_size == 0)
+        empty = sorted(e.entry for e in self.entries if (folder / safe_filename(e.entry, ".jsonl")).stat().st_size == 0)
         for name in empty:
             LOG.warning("dataset '%s': no candidate of it was selected; it is left out of the run", name)
-        updates = {"dataset_dir": str(folder), "media_dir": os.path.abspath(self.data_args.media_dir),
+        updates = {"dataset_dir": str(folder), "media_dir": self.data_args.media_dir,
                    "dataset": ",".join(n for n in self.data_args.dataset if n not in empty)}  # fmt: skip
         if isinstance(self.args, dict):
             return {**self.args, **updates}
@@ -288,17 +267,6 @@ def shared_config(options: dict[str, GrapeConfig], where: str) -> GrapeConfig:
     return cfg
 
 
-def local_files(name: str, attr: Any, dataset_dir: str, where: str) -> list[str]:
-    """The data files of a local entry, listed as LLaMA-Factory lists them (a file, or a folder's files)."""
-    path = os.path.abspath(os.path.join(dataset_dir, attr.dataset_name))
-    if attr.load_from != "file":
-        raise GrapeError(f"{where}: dataset '{name}' loads from {attr.load_from}; GRAPE selection reads local files "
-                         "only (download it and point file_name at it)")  # fmt: skip
-    if not os.path.exists(path):
-        raise GrapeError(f"{where}: dataset '{name}': file_name {attr.dataset_name}: no such file in {dataset_dir}")
-    return [os.path.join(path, f) for f in os.listdir(path)] if os.path.isdir(path) else [path]
-
-
 def plan(args: Any) -> Optional[LlamaFactoryHost]:
     """The run's grape entries as a host, validated; None when there are none (the run trains as it would anyway)."""
     m, d, t, f = compat.parse_train_args(args)
@@ -324,10 +292,9 @@ def plan(args: Any) -> Optional[LlamaFactoryHost]:
         LOG.warning("tokenized_path %s exists, so LLaMA-Factory trains on it and reads no dataset: GRAPE selection "
                     "skipped. Delete it (or choose a new tokenized_path) to train on the selection.", d.tokenized_path)
         return None
-    attrs = compat.get_dataset_list(list(options), info)
-    entries = [Entry(n, info[n], a, options[n], local_files(n, a, d.dataset_dir, info_path))
-               for n, a in zip(options, attrs)]  # fmt: skip
-    return LlamaFactoryHost(args, (m, d, t, f), info_path, info, entries, shared_config(options, info_path))
+    d.media_dir = os.path.abspath(d.media_dir)  # media paths are written absolute
+    inputs = [entry_input(n, a, options[n], d) for n, a in zip(options, compat.get_dataset_list(list(options), info))]
+    return LlamaFactoryHost(args, (m, d, t, f), info, inputs, shared_config(options, info_path))
 
 
 def log_selection(prepared: Prepared) -> None:
@@ -335,8 +302,11 @@ def log_selection(prepared: Prepared) -> None:
              prepared.manifest["summary"])  # fmt: skip
 
 
-def selected(host: LlamaFactoryHost) -> Any:
-    """On every rank: the host's selection (made, or found on disk), and the run's arguments pointing at it."""
+def selected(args: Any) -> Any:
+    """On every rank: the run's arguments pointing at its selection (made, or found on disk); as they are when no
+    dataset of the run has a grape option."""
+    if (host := plan(args)) is None:
+        return args
     _ = host.training_args.device  # under torchrun this starts the process group LLaMA-Factory's trainer uses
     prepared = prepare(host)
     if host.training_args.process_index == 0:
@@ -347,21 +317,18 @@ def selected(host: LlamaFactoryHost) -> Any:
 def train(argv: list[str]) -> int:
     """Select, then train, as ``llamafactory-cli train`` does: under torchrun where it would, every rank selecting."""
     LOG.setLevel(logging.INFO)
-    host = plan(compat.read_args(argv))  # a bad option fails here, once, before any rank starts
+    plan(compat.read_args(argv))  # a bad option fails here, once, before any rank starts
     try:
-        compat.launch(argv, RANK_SCRIPT, lambda args: selected(host) if host else args)
+        compat.launch(argv, RANK_SCRIPT, selected)
     except subprocess.CalledProcessError as exc:  # a rank failed; it said why
         return exc.returncode
     return 0
 
 
-def train_rank(argv: list[str]) -> int:
+def train_rank(argv: list[str]) -> None:
     """One torchrun rank of ``train``: select (sharing the scoring), then train."""
     LOG.setLevel(logging.INFO)
-    args = compat.read_args(argv)
-    host = plan(args)
-    compat.run_exp(selected(host) if host else args)
-    return 0
+    compat.run_exp(selected(compat.read_args(argv)))
 
 
 def select(argv: list[str], out: str) -> str:
