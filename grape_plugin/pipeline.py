@@ -141,24 +141,25 @@ def score(here: Resolved, run: RunContext, bar: Any) -> Share:
     size = lambda ws: sum(here.n_ids(w) for w in ws)  # noqa: E731
     bar.total += size(todo)
 
-    def commit(indices: Sequence[int], got: Sequence[Score]) -> None:
-        if cache:
-            cache.put_many((here.keys[w], Entry(kept_part(s, keep), len(items[w].input_ids), w in here.cut))
-                           for w, s in zip((todo[i] for i in indices), got))  # fmt: skip
-
     fresh: dict[RenderedKey, Score] = {}
+
+    def commit(indices: Sequence[int], got: Sequence[Score]) -> None:
+        done = {todo[i]: kept_part(s, keep) for i, s in zip(indices, got)}
+        fresh.update(done)
+        if cache:
+            cache.put_many((here.keys[w], Entry(s, len(items[w].input_ids), w in here.cut)) for w, s in done.items())
+
     if todo:
         run.scorer.load()
         run.clock.lap("load")
-        got = score_items(run.scorer, [items[w] for w in todo], bar.update, commit)
-        fresh = {w: kept_part(s, keep) for w, s in zip(todo, got)}
-    scores = {**found, **fresh}
+        score_items(run.scorer, [items[w] for w in todo], bar.update, commit)
+    scores = {**found, **{w: fresh[w] for w in todo}}
     results = Results.of((w, s if run.keep_arrays else s.without_tokens(), fit(s)) for w, s in scores.items())
     return Share(list(here.groups), results, here.drops, len(here.cut), len(todo), len(found), size(todo),
                  size((g.key, c.index) for g in here.groups for c in g.candidates))  # fmt: skip
 
 
-def score_items(scorer: Scorer, items: list[Rendered], progress: Callable[[int], None], commit: Done) -> list[Score]:
+def score_items(scorer: Scorer, items: list[Rendered], progress: Callable[[int], None], commit: Done) -> None:
     """``scorer.score(items)``, each batch's scores handed to ``commit(indices, scores)`` as the scorer finishes
     it; what it did not hand over (a scorer without ``done``) is committed when it returns."""
     committed: set[int] = set()
@@ -171,7 +172,6 @@ def score_items(scorer: Scorer, items: list[Rendered], progress: Callable[[int],
     rest = [i for i in range(len(items)) if i not in committed]
     if rest:
         commit(rest, [got[i] for i in rest])
-    return got
 
 
 def score_share(groups: Sequence[GroupOutline], load: Loader, run: RunContext) -> Share:
