@@ -30,7 +30,7 @@ class Tally:
     compared: int  # instructions with two or more candidates
     wins: Counter  # kept candidates per source of those instructions, in the order of ``kept``
     single: int  # instructions with one candidate: kept without a comparison, so no win
-    offered: Counter  # candidates per source
+    offered: Counter  # candidates per source in the instructions compared (those ``wins`` counts)
     sources: tuple[str, ...]  # source names ("(none)" for no source); ``source`` indexes them
     source: Any  # C int
     score: Any  # float64: mean log-prob
@@ -58,7 +58,7 @@ class Tally:
                 if code is None:
                     code = codes[name] = len(counts)
                     counts.append(0)
-                counts[code] += 1
+                counts[code] += len(g.candidates) > 1
                 s = scores.get((g.key, c.index))
                 if s is None:
                     continue

@@ -177,8 +177,8 @@ def source_charts(t: Tally) -> list[str]:
     import numpy as np
 
     offered, wins = t.offered, t.wins
-    sources = sorted(offered, key=lambda s: (-wins.get(s, 0), -offered[s], s))[:TOP_SOURCES]
-    more = f" (top {TOP_SOURCES} of {len(offered)})" if len(offered) > TOP_SOURCES else ""
+    sources = sorted(t.sources, key=lambda s: (-wins.get(s, 0), -offered[s], s))[:TOP_SOURCES]
+    more = f" (top {TOP_SOURCES} of {len(t.sources)})" if len(t.sources) > TOP_SOURCES else ""
     height = int(max(300, 90 + 24 * len(sources)))
     left = 16 + 6 * max(len(clip_label(s)) for s in sources)
     ys = range(len(sources))[::-1]  # first source on top
@@ -191,7 +191,7 @@ def source_charts(t: Tally) -> list[str]:
         bars.parts.append(f'<rect x="{bars.px(0):.1f}" y="{bars.py(y) - band / 2:.1f}" width="{bars.px(n) - bars.px(0):.1f}" '
                           f'height="{band:.1f}" fill="{WIN}"/>')  # fmt: skip
         bars.text(bars.px(n) + 3, bars.py(y) + 4, f"{n} of {offered[s]}", size=10)
-    bars.axes("candidates kept (label: kept of offered)", yticks=False)
+    bars.axes("candidates kept (label: kept of offered, in instructions with a choice)", yticks=False)
     bars.categories(sources)
 
     code = {name: i for i, name in enumerate(t.sources)}

@@ -179,6 +179,21 @@ def test_report_renders_in_chromium(tiny_model, pool_file, tmp_path, chromium):
     assert chromium.console_errors() == []
 
 
+def test_kept_of_offered_counts_the_instructions_with_a_choice():
+    """A candidate kept without a comparison is no win, so it is not offered either: "kept of offered" shares one
+    base."""
+    from dataclasses import replace
+
+    from grape_plugin.report import Tally
+
+    two = hand_selection(2)
+    lone = Group("lone", ({"role": "user", "content": "q"},), (Candidate("only", "<b>src0</b>", 9, 0),))
+    scores = Results.of([*((k, s, f) for k, s, f in two.results.rows()), (("lone", 0), Score(-1.0, 3), -1 / 3)])
+    tally = Tally.of(replace(two, groups=(*two.groups, lone), results=scores, kept={**two.kept, "lone": (0,)}))
+    assert tally.wins == {"<b>src0</b>": 2} and tally.offered == {"<b>src0</b>": 2, "<b>src1</b>": 2}
+    assert tally.single == 1 and len(tally.score) == 5  # its score is still in the distribution
+
+
 def many_candidates(n_groups: int, per_group: int) -> Selection:
     """``n_groups`` instructions of ``per_group`` candidates from 30 sources, scores falling with the index; the
     last (worst) candidate of each is the one kept."""
