@@ -9,7 +9,8 @@ the device until the batch is done and reach the host in one copy, while the nex
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Optional, Protocol, Sequence
+from contextlib import contextmanager, nullcontext
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, NamedTuple, Optional, Protocol, Sequence
 
 from .config import GrapeConfig
 from .hookspecs import hookimpl
@@ -23,7 +24,7 @@ HEAD_BLOCK_BYTES = {"cpu": 1 << 26, "cuda": 1 << 29}  # fp32 logits of one block
 MAX_PADDING = 0.04  # a batch is cut rather than let padding pass this fraction of its positions, ...
 GPU_MIN_FILL = 0.5  # ... on a GPU only once it holds this fraction of the token budget (a small pass costs more)
 SHARE_MIN_SAVED = 256  # share an instruction's prefix when that saves at least this many token positions
-SHARED_ROW_MAX = 4096  # positions of a row that holds a prefix once and its items' rests (its mask is rows x width^2)
+SHARED_ROW_MAX = 4096  # positions of a row that holds a prefix once and its items' rests (its mask: rests x width)
 
 Done = Callable[[Sequence[int], Sequence[Score]], None]  # indices of the items scored, and their scores
 Row = tuple[int, list[int]]  # a shared prefix length and the items whose rests follow it in one row (0: one item alone)
@@ -115,16 +116,18 @@ def prefix_rows(lengths: Sequence[int], shared: int, members: list[int], budget:
 
 def job_rows(lengths: Sequence[int], job: tuple[int, list[int]], budget: int, pair_cost: float) -> list[Row]:
     """A job's rows: shared when that saves at least ``SHARE_MIN_SAVED`` positions' worth of work, else each item
-    alone. A row's work is its positions plus ``pair_cost`` per attention pair (positions x positions: a row's
-    mask lets every rest skip the others, but the attention kernel still computes them)."""
+    alone. A row's work is its positions plus ``pair_cost`` per attention pair computed: an item's positions squared;
+    for a shared row, its prefix squared and its rests against the whole row (a mask lets every rest skip the others,
+    but the attention kernel still computes those pairs)."""
     shared, members = job
     alone = [(0, [i]) for i in members]
     if not shared:
         return alone
     together = prefix_rows(lengths, shared, members, budget)
 
-    def work(rows: list[Row]) -> float:
-        return sum(w + pair_cost * w * w for w in (row_width(r, lengths.__getitem__) for r in rows))
+    def work(rows: list[Row]) -> float:  # a shared row's prefix attends within itself, its rests to the whole row
+        widths = ((r[0], row_width(r, lengths.__getitem__)) for r in rows)
+        return sum(w + pair_cost * (p * p + (w - p) * w) for p, w in widths)
 
     return together if work(together) + SHARE_MIN_SAVED <= work(alone) else alone
 
@@ -132,6 +135,66 @@ def job_rows(lengths: Sequence[int], job: tuple[int, list[int]], budget: int, pa
 def row_width(row: tuple[int, Sequence[Any]], length: Callable[[Any], int]) -> int:
     shared, members = row
     return shared + sum(length(m) - shared for m in members)
+
+
+SHARED_ATTENTION = "grape_shared_prompts"  # SDPA, and shared rows in two passes (``shared_attention``)
+
+
+def shared_attention(module: Any, query: Any, key: Any, value: Any, attention_mask: Any, **kwargs: Any
+                     ) -> tuple[Any, None]:  # fmt: skip
+    """Transformers' SDPA attention; for a batch of shared rows (``grape_rests``, ``Rests``) in two passes instead of
+    one over every pair of a row: the prefixes, causal and unmasked (the fused kernels skip what causality hides),
+    then only the rests' queries against their row under ``attention_mask`` (rows x rests x width: the prefix and
+    the rest itself)."""
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    grape_rests, scaling = kwargs.pop("grape_rests", None), kwargs.get("scaling")
+    if grape_rests is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    rows, prefix = torch.arange(query.shape[0], device=query.device)[:, None], grape_rests.prefix
+    head, _ = sdpa_attention_forward(module, query[:, :, :prefix], key[:, :, :prefix], value[:, :, :prefix], None,
+                                     scaling=scaling, is_causal=True)  # fmt: skip
+    rests = query[rows, :, grape_rests.gather].transpose(1, 2)  # rows x heads x rests x head size
+    tail, _ = sdpa_attention_forward(module, rests, key, value, attention_mask, scaling=scaling, is_causal=False)
+    out = query.new_zeros(query.shape[0], query.shape[2] + 1, query.shape[1], query.shape[3])
+    out[:, :prefix] = head
+    out[rows, grape_rests.scatter] = tail  # padding goes to the extra last position
+    return out[:, :-1], None
+
+
+class Rests(NamedTuple):
+    """Where a batch of shared rows keeps its rests: the longest prefix, and each row's rest positions padded with
+    its last one (``gather``) or with a position past the row (``scatter``)."""
+
+    prefix: int
+    gather: Any
+    scatter: Any
+
+
+def rests_mask(part: Any, gather: Any) -> Any:
+    """What each rest position (``gather``) of rows of parts (0: the shared prefix, k: the k-th rest, -1: padding)
+    sees: the positions up to it in the prefix and in its own rest."""
+    import torch
+
+    query, key = part.gather(1, gather)[:, :, None], part[:, None, :]
+    before = torch.arange(part.shape[1], device=part.device) <= gather[:, :, None]
+    return (before & ((key == 0) | (key == query)))[:, None]
+
+
+@contextmanager
+def shared_attention_in(model: Any) -> Iterator[None]:
+    """``model``'s attention runs through ``shared_attention`` inside the block (transformers looks the function up
+    by the name in the model's config on every call; the batch's own 4D mask skips its mask making), and as it was
+    again afterwards."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(SHARED_ATTENTION, shared_attention)
+    saved, model.config._attn_implementation = model.config._attn_implementation, SHARED_ATTENTION
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = saved
 
 
 class Pending:
@@ -159,7 +222,7 @@ class TransformersScorer:
     default with flash-attention (its varlen kernel keeps sequences apart without a dense mask), while SDPA
     and eager attention get length-sorted padded batches. ``share_prefixes`` runs an instruction's prompt once
     for all its candidates: a row holds the prompt and then every candidate's rest, each rest attending to the
-    prompt and to itself (a 4D mask and position ids; SDPA or eager attention, no sliding window). By default
+    prompt and to itself at its own positions (``shared_attention``: SDPA, no sliding window). By default
     it is on for CPUs and off for CUDA devices until measured faster there (docs/scoring.md). ``token_scores``
     keeps each response token's log-probability and rank in the scores; without it only sums and counts are
     computed and copied.
@@ -209,10 +272,11 @@ class TransformersScorer:
         attn = getattr(model.config, "_attn_implementation", None) or ""
         self.pack = self.pack_option if self.pack_option is not None else attn.startswith("flash_attention")
         self.cuda = self.head.weight.device.type == "cuda"
-        # a custom mask is honoured by these two, and stands for a sliding window only if there is none
+        # shared rows run through SDPA (``shared_attention``), whose masks stand for a sliding window only if there
+        # is none
         layers = getattr(model.config, "layer_types", None)
         window = "sliding_attention" in layers if layers else getattr(model.config, "sliding_window", None)
-        self.attn, can_share = attn, attn in ("sdpa", "eager") and not window
+        can_share = attn == "sdpa" and not window
         self.share = can_share and (self.share_option if self.share_option is not None else not self.cuda)
         self.min_fill = GPU_MIN_FILL if self.cuda else 0.0
         # an attention pair (a query and a key: 4 FLOPs per layer and hidden unit) in positions (2 FLOPs a parameter)
@@ -247,7 +311,7 @@ class TransformersScorer:
         budget = min(self.batch_tokens, SHARED_ROW_MAX)
         rows = [row for job in jobs for row in job_rows(lengths, job, budget, self.pair_cost)]
         running: Optional[tuple[list[int], list[Any]]] = None
-        for kind in (False, True):  # items alone, then shared rows: a batch of the first needs no 4D mask
+        for kind in (False, True):  # items alone, then shared rows: a batch of the first runs SDPA as it is
             these = [row for row in rows if (row[0] > 0) == kind]
             widths = [row_width(row, lengths.__getitem__) for row in these]
             padding = 1.0 if self.pack and not kind else self.max_padding
@@ -318,14 +382,21 @@ class TransformersScorer:
             picks = np.zeros_like(at), np.flatnonzero(real).searchsorted(at_row * width + at)
         elif alone:
             inputs, picks = {"input_ids": ids, "attention_mask": (part >= 0).astype(np.int64)}, (at_row, at)
-        else:  # the parts go to the device, where they become the mask
-            inputs, picks = {"input_ids": ids, "position_ids": positions, "attention_mask": part}, (at_row, at)
+        else:  # the parts and the rests' positions go to the device, where they become the rests' mask
+            rests = [np.flatnonzero(p > 0) for p in part]
+            n = max(len(r) for r in rests)
+            inputs = {"input_ids": ids, "position_ids": positions, "attention_mask": part,
+                      "gather": np.stack([np.pad(r, (0, n - len(r)), mode="edge") for r in rests]),
+                      "scatter": np.stack([np.pad(r, (0, n - len(r)), constant_values=width) for r in rests])}  # fmt: skip
+            picks = at_row, at
         self.positions_run += inputs["input_ids"].size
         with torch.inference_mode():
             moved = {k: self._to_device(torch.from_numpy(v)) for k, v in inputs.items()}
             if not alone:
-                moved["attention_mask"] = self._shared_mask(moved["attention_mask"])
-            hidden = self.body(**moved, use_cache=False).last_hidden_state
+                rests = Rests(max(shared for shared, _ in rows), moved.pop("gather"), moved.pop("scatter"))
+                moved.update(attention_mask=rests_mask(moved["attention_mask"], rests.gather), grape_rests=rests)
+            with nullcontext() if alone else shared_attention_in(self.model):
+                hidden = self.body(**moved, use_cache=False).last_hidden_state
             picked = hidden[self._to_device(torch.from_numpy(picks[0])), self._to_device(torch.from_numpy(picks[1]))]
             del hidden
             results = self._head(picked, self._to_device(targets), self._to_device(rows_of), len(batch))
@@ -338,22 +409,6 @@ class TransformersScorer:
         event = torch.cuda.Event()
         event.record()
         return Pending(sizes, *host, event)
-
-    def _shared_mask(self, part: Any) -> Any:
-        """The 4D mask of rows of parts (0: shared prefix, k: the k-th rest, -1: padding), boolean for SDPA and
-        additive for eager attention: a position sees the positions before it in the prefix and in its own part;
-        padding sees itself only."""
-        import torch
-
-        before = torch.ones(part.shape[1], part.shape[1], dtype=torch.bool, device=part.device).tril()
-        query, key = part[:, :, None], part[:, None, :]
-        seen = before & ((key == 0) | (key == query)) & (key >= 0)
-        seen |= torch.eye(part.shape[1], dtype=torch.bool, device=part.device)
-        if self.attn == "sdpa":  # SDPA takes a boolean mask as it is (its fused CPU kernels too)
-            return seen[:, None]
-        dtype = self.head.weight.dtype
-        mask = torch.zeros(seen.shape, dtype=dtype, device=part.device)
-        return mask.masked_fill_(~seen, torch.finfo(dtype).min)[:, None]
 
     def _head(self, picked: Any, targets: Any, rows: Any, n_rows: int) -> tuple[Any, Any, Any]:
         """The LM head on the picked positions, a block of rows at a time: per-row fp64 sums of the targets' fp32

@@ -85,6 +85,7 @@ def test_shared_prefix_scores_are_exact_and_cheaper(loaded, spec):
     shared = TransformersScorer(spec, batch_tokens=2000)  # one row: the prompt once, then every candidate's rest
     a, b = plain.score(items), shared.score(items)
     assert shared.share and shared.positions_run < 0.6 * plain.positions_run
+    assert loaded.model.config._attn_implementation == "sdpa"  # the two-pass attention was on for its batches only
     for item, x, y in zip(items, a, b):
         assert x.n_tokens == y.n_tokens and abs(x.mean - y.mean) < 1e-5
         assert abs(y.mean - direct_mean(loaded.model, list(item.input_ids), item.start, item.end)) < 1e-5
