@@ -24,7 +24,8 @@ end to end  the same model saved to local disk, then `grape-plugin select` run i
             to grape-plugin's `pool` throughput.
 memory      peak GPU memory at two --batch-tokens, against weights + the activations the budget allows; then a
             batch that cannot fit (all pairs at once under a memory cap) must back off and give the same scores.
-kernels     the attention implementation and the SDPA kernels the profiler saw; flash-attention when importable.
+kernels     the attention implementation and the SDPA kernels the profiler saw (padded, packed, shared rows);
+            flash-attention when importable.
 
 Figures go to DIR/gpu_check.json and the log to DIR/gpu_check.log (DIR: --out, default ./gpu-check-out). The
 last line starts with ``gpu_check`` and is ``key=value`` pairs.
@@ -438,17 +439,20 @@ def oom_backoff(model: Any, tok: Any, sizes: Sizes, pool: Path, log: Log) -> dic
 
 
 def kernels(model: Any, tok: Any, sizes: Sizes, pool: Path, log: Log) -> dict:
-    """Which attention ran: the implementation the model uses and the SDPA kernels the profiler saw, padded and
-    packed; then flash-attention (packed, its default) where the package is importable."""
+    """Which attention ran: the implementation the model uses and the SDPA kernels the profiler saw, padded, packed
+    and in shared rows (both passes of ``shared_attention``); then flash-attention (packed, its default) where the
+    package is importable."""
     from torch.profiler import ProfilerActivity, profile
 
-    items = flat(work(tok, 1, sizes, pool)["pool"])
+    workloads = work(tok, 1, sizes, pool)
+    items = flat(workloads["pool"])
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
     out: dict[str, Any] = {"attn_implementation": model.config._attn_implementation}
-    for label, pack in (("padded", False), ("pack", True)):
-        scorer = make_scorer(model, tok, sizes.batch_tokens[0], pack=pack)
+    for label, options, these in (("padded", {"pack": False}, items), ("pack", {"pack": True}, items),
+                                  ("shared", {"share_prefixes": True}, flat(workloads["prefix"]))):  # fmt: skip
+        scorer = make_scorer(model, tok, sizes.batch_tokens[0], **options)
         with profile(activities=acts) as prof:
-            scorer.score(items)
+            scorer.score(these)
             sync()
         names = {e.key for e in prof.key_averages()}
         pattern = r"aten::_scaled_dot_product_(?:(\w+?)_attention|attention_(math))"
@@ -630,6 +634,7 @@ def summary(res: dict) -> dict[str, Any]:
         "attn": get("kernels", lambda k: k["attn_implementation"]),
         "sdpa_kernels": get("kernels", lambda k: ",".join(k["padded"]) or "none"),
         "pack_kernels": get("kernels", lambda k: ",".join(k["pack"]) or "none"),
+        "shared_kernels": get("kernels", lambda k: ",".join(k["shared"]) or "none"),
         "flash": get("kernels", lambda k: "ran" if isinstance(k["flash"], dict) else k["flash"]),
     }
     def at_least(key: str) -> bool:

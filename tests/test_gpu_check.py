@@ -15,7 +15,7 @@ KEYS = [
     "device", "torch", "exact_max_diff", "exact_ok", "bf16_agreement", "nf4_agreement", "pool_tok_s", "pool_vs_peer",
     "pool_vs_padded", "prefix_vs_peer", "mfu_pool", "mfu_pool_pack", "prefix_shared_vs_peer", "e2e_tok_s",
     "e2e_vs_pool", "e2e_gpu_busy", "e2e_passes", "e2e_shapes", "peak_gib", "mem_ok", "oom_backoff", "attn",
-    "sdpa_kernels", "pack_kernels", "flash", "targets_met", "errors", "elapsed_s",
+    "sdpa_kernels", "pack_kernels", "shared_kernels", "flash", "targets_met", "errors", "elapsed_s",
 ]
 
 
@@ -41,7 +41,7 @@ def test_smoke_runs_the_whole_check_and_ends_with_one_machine_readable_line(tmp_
     # every method scores the same pairs the same way (bf16 or fp32 model alike)
     for w in res["throughput"].values():
         assert all(m["max_diff_vs_peer"] < 0.05 for m in w["methods"].values())
-    assert fields["attn"] == "sdpa" and fields["sdpa_kernels"] != "none"
+    assert fields["attn"] == "sdpa" and fields["sdpa_kernels"] != "none" != fields["shared_kernels"]
     if not torch.cuda.is_available():
         assert fields["peak_gib"] == fields["mem_ok"] == fields["oom_backoff"] == "skipped"
     saved = json.loads((tmp_path / "gpu_check.json").read_text())
