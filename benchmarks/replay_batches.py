@@ -73,7 +73,7 @@ def fake_model(device: str, vocab: int) -> Any:
     embeddings = SimpleNamespace(weight=SimpleNamespace(numel=lambda: 128_256 * 4096))
     config = SimpleNamespace(final_logit_softcapping=None, _attn_implementation="sdpa", num_hidden_layers=32,
                              hidden_size=4096)  # fmt: skip
-    return SimpleNamespace(base_model=Body(), get_output_embeddings=lambda: head,
+    return SimpleNamespace(base_model=Body(), get_output_embeddings=lambda: head, is_backend_compatible=lambda: True,
                            get_input_embeddings=lambda: embeddings, config=config)  # fmt: skip
 
 

@@ -273,10 +273,10 @@ class TransformersScorer:
         self.pack = self.pack_option if self.pack_option is not None else attn.startswith("flash_attention")
         self.cuda = self.head.weight.device.type == "cuda"
         # shared rows run through SDPA (``shared_attention``), whose masks stand for a sliding window only if there
-        # is none
+        # is none, in a model that hands its attention function the call's arguments (transformers' attention backend)
         layers = getattr(model.config, "layer_types", None)
         window = "sliding_attention" in layers if layers else getattr(model.config, "sliding_window", None)
-        can_share = attn == "sdpa" and not window
+        can_share = attn == "sdpa" and not window and getattr(model, "is_backend_compatible", lambda: False)()
         self.share = can_share and (self.share_option if self.share_option is not None else not self.cuda)
         self.min_fill = GPU_MIN_FILL if self.cuda else 0.0
         # an attention pair (a query and a key: 4 FLOPs per layer and hidden unit) in positions (2 FLOPs a parameter)

@@ -102,6 +102,14 @@ def test_shared_rows_are_exact_however_the_rows_fall(loaded, spec):
         assert all(abs(s.mean - d) < 1e-5 and s.n_tokens == r.n_tokens for s, d, r in zip(scorer.score(items), direct, items))
 
 
+def test_prompts_are_shared_only_where_the_model_hands_attention_its_arguments(loaded, spec, monkeypatch):
+    """Shared rows need transformers' attention backend (the call's arguments reach the attention function)."""
+    monkeypatch.setattr(type(loaded.model), "_supports_attention_backend", False)
+    scorer = TransformersScorer(spec, share_prefixes=True)
+    scorer.load()
+    assert not scorer.share
+
+
 def test_packed_rows_score_like_padded_batches(loaded, spec):
     items = long_prompt_items(loaded) + [render_pair(paper_renderer(loaded.tokenizer), PROMPT, "Green.")]
     packed = TransformersScorer(spec, batch_tokens=100_000, pack=True, share_prefixes=False)
