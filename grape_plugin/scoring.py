@@ -184,12 +184,9 @@ def rests_mask(part: Any, gather: Any) -> Any:
 
 @contextmanager
 def shared_attention_in(model: Any) -> Iterator[None]:
-    """``model``'s attention runs through ``shared_attention`` inside the block (transformers looks the function up
-    by the name in the model's config on every call; the batch's own 4D mask skips its mask making), and as it was
-    again afterwards."""
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(SHARED_ATTENTION, shared_attention)
+    """``model``'s attention runs through ``shared_attention`` (registered by the scorer's ``load``) inside the block
+    (transformers looks the function up by the name in the model's config on every call; the batch's own 4D mask
+    skips its mask making), and as it was again afterwards."""
     saved, model.config._attn_implementation = model.config._attn_implementation, SHARED_ATTENTION
     try:
         yield
@@ -278,6 +275,10 @@ class TransformersScorer:
         window = "sliding_attention" in layers if layers else getattr(model.config, "sliding_window", None)
         can_share = attn == "sdpa" and not window and getattr(model, "is_backend_compatible", lambda: False)()
         self.share = can_share and (self.share_option if self.share_option is not None else not self.cuda)
+        if self.share:
+            from transformers import AttentionInterface
+
+            AttentionInterface.register(SHARED_ATTENTION, shared_attention)
         self.min_fill = GPU_MIN_FILL if self.cuda else 0.0
         # an attention pair (a query and a key: 4 FLOPs per layer and hidden unit) in positions (2 FLOPs a parameter)
         cfg, embedding = model.config, model.get_input_embeddings().weight.numel()
@@ -383,11 +384,11 @@ class TransformersScorer:
         elif alone:
             inputs, picks = {"input_ids": ids, "attention_mask": (part >= 0).astype(np.int64)}, (at_row, at)
         else:  # the parts and the rests' positions go to the device, where they become the rests' mask
-            rests = [np.flatnonzero(p > 0) for p in part]
-            n = max(len(r) for r in rests)
+            in_rests = [np.flatnonzero(p > 0) for p in part]
+            n = max(len(r) for r in in_rests)
             inputs = {"input_ids": ids, "position_ids": positions, "attention_mask": part,
-                      "gather": np.stack([np.pad(r, (0, n - len(r)), mode="edge") for r in rests]),
-                      "scatter": np.stack([np.pad(r, (0, n - len(r)), constant_values=width) for r in rests])}  # fmt: skip
+                      "gather": np.stack([np.pad(r, (0, n - len(r)), mode="edge") for r in in_rests]),
+                      "scatter": np.stack([np.pad(r, (0, n - len(r)), constant_values=width) for r in in_rests])}  # fmt: skip
             picks = at_row, at
         self.positions_run += inputs["input_ids"].size
         with torch.inference_mode():
