@@ -302,11 +302,8 @@ def log_selection(prepared: Prepared) -> None:
              prepared.manifest["summary"])  # fmt: skip
 
 
-def selected(args: Any) -> Any:
-    """On every rank: the run's arguments pointing at its selection (made, or found on disk); as they are when no
-    dataset of the run has a grape option."""
-    if (host := plan(args)) is None:
-        return args
+def selected(host: LlamaFactoryHost) -> Any:
+    """On every rank: the host's selection (made, or found on disk), and the run's arguments pointing at it."""
     _ = host.training_args.device  # under torchrun this starts the process group LLaMA-Factory's trainer uses
     prepared = prepare(host)
     if host.training_args.process_index == 0:
@@ -317,9 +314,9 @@ def selected(args: Any) -> Any:
 def train(argv: list[str]) -> int:
     """Select, then train, as ``llamafactory-cli train`` does: under torchrun where it would, every rank selecting."""
     LOG.setLevel(logging.INFO)
-    plan(compat.read_args(argv))  # a bad option fails here, once, before any rank starts
+    host = plan(compat.read_args(argv))  # a bad option fails here, once, before any rank starts
     try:
-        compat.launch(argv, RANK_SCRIPT, selected)
+        compat.launch(argv, RANK_SCRIPT, lambda args: selected(host) if host else args)
     except subprocess.CalledProcessError as exc:  # a rank failed; it said why
         return exc.returncode
     return 0
@@ -328,7 +325,8 @@ def train(argv: list[str]) -> int:
 def train_rank(argv: list[str]) -> None:
     """One torchrun rank of ``train``: select (sharing the scoring), then train."""
     LOG.setLevel(logging.INFO)
-    compat.run_exp(selected(compat.read_args(argv)))
+    host = plan(args := compat.read_args(argv))
+    compat.run_exp(selected(host) if host else args)
 
 
 def select(argv: list[str], out: str) -> str:
