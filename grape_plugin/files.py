@@ -9,13 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from .components import Components
 from .config import GrapeConfig
 from .errors import GrapeError
 from .formats import Context, Format, Input, detect_format, group_rows, loader
-from .host import MANIFEST, BaseHost, select_from, write_folder
+from .host import MANIFEST, BaseHost, output_folder, select_from, write_folder
 from .records import Group, Grouped, GroupOutline, Selection
 
 
@@ -94,17 +94,6 @@ class FileHost(BaseHost):
         leaves no folder that claims to hold a whole selection."""
         (folder / MANIFEST).unlink(missing_ok=True)
         fill(folder)
-
-
-def output_folder(out: str | Path, sources: Iterable[Path]) -> Path:
-    """``-o OUT``, refused when it holds any of the input files ``sources`` or is a file."""
-    folder = Path(out).resolve()
-    for source in (s.resolve() for s in sources):
-        if source.is_relative_to(folder):
-            raise GrapeError(f"-o {out}: the output folder holds the input {source}; choose another folder")
-    if folder.exists() and not folder.is_dir():
-        raise GrapeError(f"-o {out}: exists and is not a folder")
-    return folder
 
 
 def run(path: str | Path, cfg: GrapeConfig, limit: Optional[int] = None, token_scores: bool = False

@@ -4,8 +4,10 @@ A host says where the groups come from, how a candidate is rendered, how the sco
 loads the model it trains), what else the selection depends on, and where and in what shape the selection is
 written. ``prepare`` owns everything else: the selection key, reusing a selection already on disk, loading the
 weights only when something is left to score, the score cache, sharding over ranks, publishing the folder whole and
-the barrier after it. ``BaseHost`` holds what hosts share: the default scorer and renderer, the scorer recipe of a
-host that loads its own model, and the options a host refuses in its GRAPE block.
+the barrier after it, and saying which folder the run uses. ``BaseHost`` holds what hosts share: the default scorer
+and renderer, the scorer recipe of a host that loads its own model, and the options a host refuses in its GRAPE block.
+
+A host integration imports what it uses of the core from this module (``__all__``), and nothing else of it.
 """
 
 from __future__ import annotations
@@ -15,18 +17,25 @@ import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Protocol, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Protocol, Sequence
 
 from .components import HOST_TEMPLATE, Components
-from .config import GrapeConfig
-from .errors import GrapeError
-from .formats import Input, group_rows
+from .config import GrapeConfig, default_cache_dir
+from .datafiles import pick_split, read_dataset, safe_filename
+from .errors import GrapeError, input_error
+from .formats import ADDED_RESPONSE, Context, Format, Input, detect_format, group_rows
 from .pipeline import run_groups
-from .records import Grouped, Selection
-from .render import Renderer
+from .records import Candidate, Draft, Group, Grouped, Reason, Selection
+from .render import Rendered, Renderer, labelled_span
 from .scoring import Scorer
 from .version import __version__
 
+__all__ = [  # the core as a host integration sees it
+    "ADDED_RESPONSE", "BaseHost", "Candidate", "Components", "Context", "Draft", "Format", "GrapeConfig", "GrapeError",
+    "Group", "Input", "Prepared", "Reason", "Rendered", "Renderer", "Scorer", "Selection", "default_cache_dir",
+    "detect_format", "input_error", "labelled_span", "output_folder", "pick_split", "prepare", "read_dataset",
+    "safe_filename",
+]  # fmt: skip
 log = logging.getLogger(__name__)
 
 MANIFEST = "selection.json"  # written last: a folder with it holds a whole selection
@@ -45,10 +54,11 @@ HOST_DECIDES = {
 
 class Host(Protocol):
     """What a host supplies to ``prepare``. ``where`` names the host's input in messages; ``parts`` are the run's
-    components (``components.Components``)."""
+    components (``components.Components``); ``log`` is where the run hears which selection it trains on."""
 
     where: str
     parts: Components
+    log: logging.Logger
 
     def scorer(self) -> Scorer:
         """The scoring model as the host loads its training model: tokenizer and identity now, weights on first use."""
@@ -83,6 +93,7 @@ class BaseHost:
     writes, folders appear whole."""
 
     where = "input"
+    log = log
     inputs: Sequence[Input] = ()  # one per entry of the host's data (its own reading options in its context)
 
     def __init__(self, parts: Components):
@@ -218,21 +229,34 @@ def prepare(host: Host) -> Prepared:
     inputs = key_inputs(cfg, scorer.identity, host.key_parts())
     key = selection_key(inputs)
     folder = host.folder(key)
-    done = read_manifest(folder)
-    if on_all_ranks(done.get("key") == key):
-        log.info("GRAPE: reusing the selection in %s", folder)
-        return Prepared(folder, True, done)
-    log.info("GRAPE: selecting with %s (template %s) into %s", scorer.identity, cfg.template, folder)
-    selection = select_from(host, scorer)
-    if not selection.kept:
-        raise GrapeError(f"{host.where}: nothing was selected\n{summary_text(selection)}")
-    info = {"key": key, "summary": summary_text(selection), "report": summary(selection), "inputs": inputs}
+    prepared = Prepared(folder, True, read_manifest(folder))
+    if not on_all_ranks(prepared.manifest.get("key") == key):
+        host.log.info("GRAPE: selecting with %s (template %s) into %s", scorer.identity, cfg.template, folder)
+        selection = select_from(host, scorer)
+        if not selection.kept:
+            raise GrapeError(f"{host.where}: nothing was selected\n{summary_text(selection)}")
+        info = {"key": key, "summary": summary_text(selection), "report": summary(selection), "inputs": inputs}
 
-    def fill(staging: Path) -> None:
-        write_folder(host, selection, staging)
-        (staging / MANIFEST).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        def fill(staging: Path) -> None:
+            write_folder(host, selection, staging)
+            (staging / MANIFEST).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
+        if host.is_writer():
+            host.publish(folder, fill)
+        barrier()
+        prepared = Prepared(folder, False, info)
     if host.is_writer():
-        host.publish(folder, fill)
-    barrier()
-    return Prepared(folder, False, info)
+        host.log.info("GRAPE selection %s %s\n%s", "reused from" if prepared.reused else "written to", folder,
+                      prepared.manifest["summary"])  # fmt: skip
+    return prepared
+
+
+def output_folder(out: str | Path, sources: Iterable[Path]) -> Path:
+    """``-o OUT``, refused when it holds any of the input files ``sources`` or is a file."""
+    folder = Path(out).resolve()
+    for source in (s.resolve() for s in sources):
+        if source.is_relative_to(folder):
+            raise GrapeError(f"-o {out}: the output folder holds the input {source}; choose another folder")
+    if folder.exists() and not folder.is_dir():
+        raise GrapeError(f"-o {out}: exists and is not a folder")
+    return folder

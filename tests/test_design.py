@@ -90,6 +90,15 @@ def test_no_core_module_imports_a_host_integration():
             assert not [t for t in targets if t.startswith(wings)], f"{module} imports a host integration"
 
 
+def test_a_host_integration_sees_the_core_through_grape_plugin_host():
+    """Wings use the host API (and the hook marker, and the CLI's error guard), never the core's other modules."""
+    wings, allowed = "grape_plugin.integrations", {"grape_plugin.host", "grape_plugin.hookspecs", "grape_plugin.cli"}
+    for module, targets in module_imports().items():
+        if module.startswith(wings):
+            core = {t for t in targets if t.startswith("grape_plugin.") and not t.startswith(wings)}
+            assert core <= allowed, f"{module} imports {sorted(core - allowed)}"
+
+
 def test_no_function_takes_more_than_six_parameters():
     for path in (ROOT / "grape_plugin").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):

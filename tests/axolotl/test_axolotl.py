@@ -193,7 +193,7 @@ def test_preprocess_trains_on_exactly_the_directly_scored_picks(alpaca_run: Path
 def test_train_reuses_the_selection_and_trains(alpaca_run: Path) -> None:
     proc = axolotl(alpaca_run, "train", "alpaca.yml", "--launcher", "python")
     log = proc.stdout + proc.stderr
-    assert "GRAPE: reusing the selection" in log
+    assert "GRAPE selection reused from" in log
     assert "Loading prepared dataset from disk" in log  # Axolotl's own cache of the same selected file
     assert "train_loss" in log
     assert len(selection_folders(alpaca_run, "prepared")) == 1

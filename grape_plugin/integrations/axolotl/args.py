@@ -10,8 +10,7 @@ from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator
 
-from grape_plugin.errors import GrapeError
-from grape_plugin.host import BaseHost
+from grape_plugin.host import BaseHost, GrapeError
 
 # Axolotl's words for the options the run decides (grape_plugin.host.HOST_DECIDES), and more
 HINTS = {"model": "the scoring model is the run's base_model (with its adapter, quantization and attention settings)",

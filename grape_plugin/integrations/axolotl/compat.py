@@ -4,15 +4,13 @@ source, 0.21): the module paths below moved between releases before, so a new re
 from typing import Any
 
 import torch
-from axolotl.common.const import DEFAULT_DATASET_PREPARED_PATH
-from axolotl.loaders import ModelLoader, load_tokenizer
-from axolotl.utils.data.shared import load_dataset_with_config
-from axolotl.utils.data.wrappers import get_dataset_wrapper
-from axolotl.utils.dict import DictDefault
-from axolotl.utils.distributed import init_distributed_state
-
-__all__ = ["DEFAULT_DATASET_PREPARED_PATH", "DictDefault", "get_dataset_wrapper", "init_distributed_state",
-           "load_dataset_with_config", "load_model", "load_tokenizer"]  # fmt: skip
+from axolotl.common.const import DEFAULT_DATASET_PREPARED_PATH as DEFAULT_DATASET_PREPARED_PATH
+from axolotl.loaders import ModelLoader
+from axolotl.loaders import load_tokenizer as load_tokenizer
+from axolotl.utils.data.shared import load_dataset_with_config as load_dataset_with_config
+from axolotl.utils.data.wrappers import get_dataset_wrapper as get_dataset_wrapper
+from axolotl.utils.dict import DictDefault as DictDefault
+from axolotl.utils.distributed import init_distributed_state as init_distributed_state
 
 
 def load_model(cfg: Any, tokenizer: Any) -> Any:

@@ -13,12 +13,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from grape_plugin import Candidate, Components, GrapeError, Group, Selection
-from grape_plugin.datafiles import pick_split
-from grape_plugin.formats import ADDED_RESPONSE, Context, Input, detect_format
-from grape_plugin.host import BaseHost, prepare
-from grape_plugin.render import Rendered, Renderer, labelled_span
-from grape_plugin.scoring import Scorer
+from grape_plugin.host import (
+    ADDED_RESPONSE, BaseHost, Candidate, Components, Context, GrapeError, Group, Input, Rendered, Renderer, Scorer,
+    Selection, detect_format, labelled_span, pick_split, prepare,
+)  # fmt: skip
 
 from . import compat
 from .args import HINTS
@@ -45,8 +43,6 @@ def select_datasets(cfg: Any) -> None:
     except GrapeError as exc:
         LOG.error("%s", exc)
         raise SystemExit(f"grape-plugin: {exc}") from None
-    done = "reusing the selection in" if prepared.reused else "selection written to"
-    LOG.info("GRAPE: %s %s\n%s", done, prepared.folder, prepared.manifest["summary"])
     files = [prepared.folder / f"selected_{i}.jsonl" for i in range(len(cfg.datasets))]
     cfg.datasets = [repoint(entry, path) for entry, path in zip(cfg.datasets, files) if path.is_file()]
 
@@ -83,6 +79,8 @@ def training_rows(inp: Input, picks: list[tuple[Group, Candidate]]) -> Any:
 
 class AxolotlHost(BaseHost):
     """The GRAPE host contract for one Axolotl run (see ``grape_plugin.host``)."""
+
+    log = LOG
 
     def __init__(self, run: Any):
         """The ``grape:`` block over the run's defaults, and every entry's rows; a run GRAPE cannot select for is

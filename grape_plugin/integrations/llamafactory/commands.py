@@ -1,20 +1,14 @@
-"""``grape-plugin llamafactory train|select`` (``host.train``, ``host.select``), registered through the
-``grape_register_commands`` hook (this module is a ``grape_plugin`` entry point), so that the core's CLI imports no
-host integration and LLaMA-Factory is imported only when a command runs."""
-
-from __future__ import annotations
-
-import argparse
-from typing import Any, Callable
-
-from grape_plugin.hookspecs import hookimpl
-
-LF_HELP = """\
+"""\
 GRAPE for LLaMA-Factory: the datasets whose dataset_info.json entry has a "grape" key (e.g. "grape": {"top_k": 1})
 are replaced by their GRAPE selection, scored with the run's model and template; a plain llamafactory-cli ignores it.
   train config.yaml [key=value ...]   select, then train (llamafactory-cli train's arguments, torchrun included)
   select config.yaml -o DIR           select only; then: llamafactory-cli train DIR/train.yaml
 Options: grape_plugin/integrations/llamafactory/README.md."""
+
+import argparse
+from typing import Any, Callable
+
+from grape_plugin.hookspecs import hookimpl
 
 
 def cmd_llamafactory_train(args: argparse.Namespace) -> int:
@@ -37,13 +31,13 @@ def add_commands(sub: Any) -> None:
     """``grape-plugin llamafactory train|select``."""
     lf = sub.add_parser(
         "llamafactory", help="LLaMA-Factory: train on the GRAPE selection of datasets with a grape key",
-        description=LF_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     lf_sub = lf.add_subparsers(dest="lf_command", required=True)
     # '+' prefix: every argument, --flags included, goes to LLaMA-Factory unparsed
     train = lf_sub.add_parser(
         "train", prefix_chars="+", add_help=False, help="select, then train (llamafactory-cli train's arguments)",
-        description=LF_HELP, usage="%(prog)s config.yaml [key=value ...]",
+        description=__doc__, usage="%(prog)s config.yaml [key=value ...]",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     train.add_argument("args", nargs=argparse.REMAINDER, metavar="config.yaml [key=value ...]")
@@ -57,4 +51,6 @@ def add_commands(sub: Any) -> None:
 
 @hookimpl
 def grape_register_commands(register: Callable[[str, Callable[[Any], None]], None]) -> None:
+    """``grape-plugin llamafactory train|select`` (``host.train``, ``host.select``): this module is a ``grape_plugin``
+    entry point, so that the core's CLI imports no host integration and LLaMA-Factory loads only when a command runs."""
     register("llamafactory", add_commands)

@@ -11,8 +11,6 @@
 Only the host and the commands import this module, when a LLaMA-Factory command runs.
 """
 
-from __future__ import annotations
-
 import copy
 import sys
 from typing import Any, Callable
@@ -30,7 +28,7 @@ from llamafactory.hparams.parser import read_args as lf_read_args
 from llamafactory.model import load_model as load_model
 from llamafactory.model import load_tokenizer as load_tokenizer
 
-from grape_plugin.errors import GrapeError
+from grape_plugin.host import GrapeError
 
 def read_args(argv: list[str]) -> Any:
     """``config.yaml|json [key=value ...]`` (or ``--key value ...``), read by LLaMA-Factory's own reader."""

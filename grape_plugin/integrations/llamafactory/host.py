@@ -9,8 +9,6 @@ its ``load_model`` (adapters merged, the run's dtype) only when something is lef
 scores exactly the ids and labels LLaMA-Factory's SFT preprocessing trains on.
 """
 
-from __future__ import annotations
-
 import copy
 import json
 import logging
@@ -25,20 +23,16 @@ from typing import Any, Mapping, Optional
 
 import yaml
 
-from grape_plugin.components import Components
-from grape_plugin.config import GrapeConfig, default_cache_dir
-from grape_plugin.datafiles import read_dataset, safe_filename
-from grape_plugin.errors import GrapeError, input_error
-from grape_plugin.files import output_folder
-from grape_plugin.formats import Context, Format, Input
-from grape_plugin.host import BaseHost, Prepared, prepare
-from grape_plugin.records import Candidate, Draft, Group, Reason, Selection
-from grape_plugin.render import Rendered, labelled_span
-from grape_plugin.scoring import Scorer
+from grape_plugin.host import (
+    BaseHost, Candidate, Components, Context, Draft, Format, GrapeConfig, GrapeError, Group, Input, Reason, Rendered,
+    Scorer, Selection, default_cache_dir, input_error, labelled_span, output_folder, prepare, read_dataset,
+    safe_filename,
+)  # fmt: skip
 
 from . import compat
 
 LOG = logging.getLogger("grape_plugin.llamafactory")
+LOG.setLevel(logging.INFO)  # the run's log says which selection it trains on
 DATA_CONFIG = "dataset_info.json"
 RANK_SCRIPT = str(Path(__file__).with_name("__main__.py"))  # what every torchrun rank of ``train`` runs
 ALIGNED = ("_prompt", "_system", "_tools", "_images", "_videos", "_audios")
@@ -158,6 +152,8 @@ class LlamaFactoryHost(BaseHost):
     """The GRAPE host contract for one LLaMA-Factory run (see ``grape_plugin.host``): ``inputs`` are its grape
     entries (``Entry``)."""
 
+    log = LOG
+
     def __init__(self, args: Any, parsed: tuple, info: dict, inputs: list[Input], cfg: GrapeConfig):
         super().__init__(Components.of(cfg, host_template=True))
         self.args, self.info, self.inputs = args, info, inputs
@@ -235,11 +231,8 @@ class LlamaFactoryHost(BaseHost):
 
 def absolute_entry(entry: dict[str, Any], dataset_dir: str) -> dict[str, Any]:
     """An entry that reads the same files from any ``dataset_dir``."""
-    entry = dict(entry)
-    for key in ("file_name", "script_url"):
-        if key in entry and os.path.exists(path := os.path.join(dataset_dir, entry[key])):
-            entry[key] = os.path.abspath(path)
-    return entry
+    paths = {key: os.path.join(dataset_dir, entry[key]) for key in ("file_name", "script_url") if key in entry}
+    return {**entry, **{key: os.path.abspath(path) for key, path in paths.items() if os.path.exists(path)}}
 
 
 def entry_config(raw: Any, where: str, cutoff_len: int) -> Optional[GrapeConfig]:
@@ -258,12 +251,12 @@ def entry_config(raw: Any, where: str, cutoff_len: int) -> Optional[GrapeConfig]
 def shared_config(options: dict[str, GrapeConfig], where: str) -> GrapeConfig:
     """The options of entries selected together (grouped by prompt across them): equal but for the reading keys."""
     (first, cfg), *rest = options.items()
+    shared = [k for k in GrapeConfig.model_fields if k not in READING_KEYS]
     for name, other in rest:
-        for key in (k for k in GrapeConfig.model_fields if k not in READING_KEYS):
-            if getattr(other, key) != getattr(cfg, key):
-                raise GrapeError(f"{where}: datasets '{first}' and '{name}' are selected together (candidates are "
-                                 f"grouped by prompt across them) but their grape options differ in '{key}' "
-                                 f"({getattr(cfg, key)!r} vs {getattr(other, key)!r}); make them equal")  # fmt: skip
+        for k in (k for k in shared if getattr(other, k) != getattr(cfg, k)):
+            raise GrapeError(f"{where}: datasets '{first}' and '{name}' are selected together (candidates are grouped "
+                             f"by prompt across them) but their grape options differ in '{k}' ({getattr(cfg, k)!r} vs "
+                             f"{getattr(other, k)!r}); make them equal")  # fmt: skip
     return cfg
 
 
@@ -297,23 +290,14 @@ def plan(args: Any) -> Optional[LlamaFactoryHost]:
     return LlamaFactoryHost(args, (m, d, t, f), info, inputs, shared_config(options, info_path))
 
 
-def log_selection(prepared: Prepared) -> None:
-    LOG.info("GRAPE selection %s %s\n%s", "reused from" if prepared.reused else "written to", prepared.folder,
-             prepared.manifest["summary"])  # fmt: skip
-
-
 def selected(host: LlamaFactoryHost) -> Any:
-    """On every rank: the host's selection (made, or found on disk), and the run's arguments pointing at it."""
+    """On every rank: the run's arguments pointing at the host's selection (made, or found on disk)."""
     _ = host.training_args.device  # under torchrun this starts the process group LLaMA-Factory's trainer uses
-    prepared = prepare(host)
-    if host.training_args.process_index == 0:
-        log_selection(prepared)
-    return host.redirect(prepared.folder)
+    return host.redirect(prepare(host).folder)
 
 
 def train(argv: list[str]) -> int:
     """Select, then train, as ``llamafactory-cli train`` does: under torchrun where it would, every rank selecting."""
-    LOG.setLevel(logging.INFO)
     host = plan(compat.read_args(argv))  # a bad option fails here, once, before any rank starts
     try:
         compat.launch(argv, RANK_SCRIPT, lambda args: selected(host) if host else args)
@@ -324,7 +308,6 @@ def train(argv: list[str]) -> int:
 
 def train_rank(argv: list[str]) -> None:
     """One torchrun rank of ``train``: select (sharing the scoring), then train."""
-    LOG.setLevel(logging.INFO)
     host = plan(args := compat.read_args(argv))
     compat.run_exp(selected(host) if host else args)
 
@@ -332,14 +315,11 @@ def train_rank(argv: list[str]) -> None:
 def select(argv: list[str], out: str) -> str:
     """The selection (from the cache, or selected now) copied to ``out`` for a plain ``llamafactory-cli train``;
     the command that trains on it."""
-    LOG.setLevel(logging.INFO)
     host = plan(compat.read_args(argv))
     if host is None:
         raise GrapeError("nothing to select: no dataset of this run has a 'grape' key in its dataset_info.json entry")
     target = output_folder(out, [Path(host.where), *(Path(f) for e in host.entries for f in e.files)])
-    prepared = prepare(host)
-    shutil.copytree(prepared.folder, target, dirs_exist_ok=True)
-    log_selection(prepared)
+    shutil.copytree(prepare(host).folder, target, dirs_exist_ok=True)
     args = host.redirect(target)
     if isinstance(args, list):
         return "llamafactory-cli train " + " ".join(args)
