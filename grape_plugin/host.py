@@ -89,8 +89,9 @@ class Host(Protocol):
 
 
 class BaseHost:
-    """Defaults for a host: its ``inputs`` grouped across them, the configured scorer and template, no caps, rank 0
-    writes, folders appear whole."""
+    """Defaults for a host: its ``inputs`` grouped across them, the configured scorer and template, no caps, each
+    input's kept rows in a file of its own (``kept_parts`` says which the run keeps), rank 0 writes, folders appear
+    whole."""
 
     where = "input"
     log = log
@@ -114,6 +115,34 @@ class BaseHost:
 
     def finish(self, selection: Selection) -> Selection:
         return selection
+
+    def part_file(self, part: int) -> str:
+        """The name of the file ``write`` gives input ``part``'s kept rows."""
+        return f"selected_{part}.jsonl"
+
+    def part_rows(self, part: int, picks: list[tuple[Group, Candidate]]) -> Any:
+        """Input ``part``'s kept rows as a ``datasets.Dataset``, in its shape (its format's ``selected``)."""
+        inp = self.inputs[part]
+        return inp.format.selected(inp.rows, picks, inp.context)
+
+    def write(self, selection: Selection, folder: Path) -> dict[str, Path]:
+        """``part_rows`` as JSON lines in ``part_file``, for every input that kept any row."""
+        picks, files = list(selection.picks_in_order(texts=True)), {}
+        for part in range(len(self.inputs)):
+            if kept := [(g, c) for g, c in picks if c.part == part]:
+                path = folder / self.part_file(part)
+                self.part_rows(part, kept).to_json(str(path), lines=True, force_ascii=False)
+                files[path.stem] = path
+        return files
+
+    def kept_parts(self, folder: Path) -> list[Optional[Path]]:
+        """Each input's file in the selection ``folder``; None, with a warning, for an input none of whose candidates
+        won: the run leaves it out."""
+        paths = [folder / self.part_file(part) for part in range(len(self.inputs))]
+        for inp, path in zip(self.inputs, paths):
+            if not path.is_file():
+                self.log.warning("%s: no candidate of it was selected; it is left out of the run", inp.context.file)
+        return [path if path.is_file() else None for path in paths]
 
     def is_writer(self) -> bool:
         from .distributed import rank_world

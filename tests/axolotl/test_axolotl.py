@@ -254,6 +254,18 @@ def test_without_a_grape_block_the_plugin_does_nothing(work: Path) -> None:
     assert len(prepared_rows(work, "prepared_plain")) == 29  # every row that fits sequence_len
 
 
+def test_an_entry_none_of_whose_candidates_won_is_left_out_with_a_warning(work: Path) -> None:
+    write_jsonl(work / "long.jsonl", [{"instruction": "Repeat one word.", "output": "word " * (2 * SEQUENCE_LEN)}])
+    datasets = [{"path": f"./{f}", "ds_type": "json", "type": "alpaca"} for f in ("gen_a.jsonl", "long.jsonl")]
+    cfg = write_cfg(work, "left.yml", datasets=datasets, dataset_prepared_path="left", grape={})
+    proc = axolotl(work, "preprocess", str(cfg))
+    (folder,) = selection_folders(work, "left")
+    assert sorted(p.name for p in folder.glob("selected_*")) == ["selected_0.jsonl"]
+    log = proc.stdout + proc.stderr
+    assert "datasets[1] (./long.jsonl): no candidate of it was selected; it is left out of the run" in log
+    assert len(prepared_rows(work, "left")) == 4  # the one kept entry: one response per instruction
+
+
 @pytest.mark.parametrize(
     "block, expected",
     [

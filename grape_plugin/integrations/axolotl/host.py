@@ -15,7 +15,7 @@ from typing import Any
 
 from grape_plugin.host import (
     ADDED_RESPONSE, BaseHost, Candidate, Components, Context, GrapeError, Group, Input, Rendered, Renderer, Scorer,
-    Selection, detect_format, labelled_span, pick_split, prepare,
+    detect_format, labelled_span, pick_split, prepare,
 )  # fmt: skip
 
 from . import compat
@@ -39,12 +39,11 @@ def select_datasets(cfg: Any) -> None:
     """Point ``cfg.datasets`` at the GRAPE selection, selecting first unless it is on disk; an entry that kept no
     row is left out."""
     try:
-        prepared = prepare(AxolotlHost(cfg))
+        prepared = prepare(host := AxolotlHost(cfg))
     except GrapeError as exc:
         LOG.error("%s", exc)
         raise SystemExit(f"grape-plugin: {exc}") from None
-    files = [prepared.folder / f"selected_{i}.jsonl" for i in range(len(cfg.datasets))]
-    cfg.datasets = [repoint(entry, path) for entry, path in zip(cfg.datasets, files) if path.is_file()]
+    cfg.datasets = [repoint(entry, path) for entry, path in zip(cfg.datasets, host.kept_parts(prepared.folder)) if path]
 
 
 def repoint(entry: Any, path: Path) -> Any:
@@ -66,15 +65,6 @@ def load_input(run: Any, parts: Components, i: int, entry: Any) -> Input:
     rows = pick_split(rows, entry.split, where, option="split:")
     ctx = Context(where, list(rows.column_names), parts.cfg)
     return Input(rows, detect_format(ctx, parts.formats, rows), ctx)
-
-
-def training_rows(inp: Input, picks: list[tuple[Group, Candidate]]) -> Any:
-    """The rows written, and so trained on, for ``picks``: the entry's own shape; for a list of candidates, the kept
-    response in ``output``, where Axolotl's instruction types read it."""
-    rows = inp.format.selected(inp.rows, picks, inp.context)
-    if ADDED_RESPONSE in rows.column_names:
-        rows = rows.remove_columns(list({"output"} & set(rows.column_names))).rename_column(ADDED_RESPONSE, "output")
-    return rows
 
 
 class AxolotlHost(BaseHost):
@@ -114,7 +104,7 @@ class AxolotlHost(BaseHost):
         strategies = [self.strategy(scorer.tokenizer, e, i) for e, i in zip(self.run.datasets, self.inputs)]
 
         def render(group: Group, cand: Candidate) -> Rendered:
-            tokens = strategies[cand.part].tokenize_prompt(training_rows(self.inputs[cand.part], [(group, cand)])[0])
+            tokens = strategies[cand.part].tokenize_prompt(self.part_rows(cand.part, [(group, cand)])[0])
             return labelled_span(tokens["input_ids"], tokens["labels"])
 
         return render
@@ -132,14 +122,13 @@ class AxolotlHost(BaseHost):
         strategy.train_on_inputs = False  # ours alone: built here, on the entry's first row
         return strategy
 
+    def part_rows(self, part: int, picks: list[tuple[Group, Candidate]]) -> Any:
+        """The rows written, and so trained on: the entry's own shape; for a list of candidates, the kept response in
+        ``output``, where Axolotl's instruction types read it."""
+        rows = super().part_rows(part, picks)
+        if ADDED_RESPONSE not in rows.column_names:
+            return rows
+        return rows.remove_columns(list({"output"} & set(rows.column_names))).rename_column(ADDED_RESPONSE, "output")
+
     def folder(self, key: str) -> Path:
         return Path(self.run.dataset_prepared_path or compat.DEFAULT_DATASET_PREPARED_PATH) / "grape" / key
-
-    def write(self, selection: Selection, folder: Path) -> dict[str, Path]:
-        """One ``selected_<entry>.jsonl`` per entry that kept any row."""
-        picked, paths = list(selection.picks_in_order(texts=True)), {}
-        for part, inp in enumerate(self.inputs):
-            if picks := [(g, c) for g, c in picked if c.part == part]:
-                paths[f"selected_{part}"] = folder / f"selected_{part}.jsonl"
-                training_rows(inp, picks).to_json(str(paths[f"selected_{part}"]), lines=True, force_ascii=False)
-        return paths

@@ -106,6 +106,13 @@ class Entry(Format):
             for source, j, answer in zip(sources, items, responses):
                 yield Draft(prompt, Candidate(answer["content"], source, i, item=j), context)
 
+    def selected(self, dataset, picks, ctx):
+        """Canonical ShareGPT rows (``SHAREGPT_ENTRY``): the prompt as LLaMA-Factory aligned it, the kept answer."""
+        from datasets import Dataset
+
+        return Dataset.from_list([{"messages": [*g.context["_prompt"], {"role": "assistant", "content": c.response}],
+                                   **{k[1:]: g.context[k] for k in ALIGNED[1:]}} for g, c in picks])  # fmt: skip
+
 
 def entry_input(name: str, attr: Any, cfg: GrapeConfig, data_args: Any) -> Input:
     """A local entry's rows (a file, or a folder's files, as LLaMA-Factory lists them), read as that entry."""
@@ -195,19 +202,18 @@ class LlamaFactoryHost(BaseHost):
     def folder(self, key: str) -> Path:
         return Path(self.cfg.cache_dir or default_cache_dir()) / "llamafactory" / key
 
+    def part_file(self, part: int) -> str:
+        return safe_filename(self.entries[part].entry, ".jsonl")
+
     def write(self, selection: Selection, folder: Path) -> dict[str, Path]:
-        """``<entry>.jsonl`` per grape entry (canonical ShareGPT rows, in input order; empty when nothing of it won)
-        and a ``dataset_info.json`` that keeps every other entry, with paths made absolute."""
-        rows: list[list[dict]] = [[] for _ in self.entries]
-        for group, cand in selection.picks_in_order(texts=True):
-            messages = [*group.context["_prompt"], {"role": "assistant", "content": cand.response}]
-            rows[cand.part].append({"messages": messages, **{k[1:]: group.context[k] for k in ALIGNED[1:]}})
+        """``<entry>.jsonl`` per grape entry that kept any row, and a ``dataset_info.json`` pointing those entries at
+        them; every other entry stays as it was, with paths made absolute."""
+        files = super().write(selection, folder)
         info = {name: absolute_entry(entry, self.data_args.dataset_dir) for name, entry in self.info.items()}
-        files = {e.entry: folder / safe_filename(e.entry, ".jsonl") for e in self.entries}
-        for (name, path), kept in zip(files.items(), rows):
-            num = {"num_samples": n} if (n := self.info[name].get("num_samples")) is not None else {}
-            info[name] = {"file_name": path.name, **SHAREGPT_ENTRY, **num}
-            path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
+        for part, name in enumerate(e.entry for e in self.entries):
+            if (path := folder / self.part_file(part)).is_file():
+                num = {"num_samples": n} if (n := self.info[name].get("num_samples")) is not None else {}
+                info[name] = {"file_name": path.name, **SHAREGPT_ENTRY, **num}
         (folder / DATA_CONFIG).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
         return {"dataset_info": folder / DATA_CONFIG, **files}
 
@@ -219,9 +225,7 @@ class LlamaFactoryHost(BaseHost):
     def redirect(self, folder: Path) -> Any:
         """The run's arguments with ``dataset_dir`` at the selection (``media_dir`` stays the original one); an entry
         none of whose candidates won is left out, with a warning."""
-        empty = sorted(e.entry for e in self.entries if (folder / safe_filename(e.entry, ".jsonl")).stat().st_size == 0)
-        for name in empty:
-            LOG.warning("dataset '%s': no candidate of it was selected; it is left out of the run", name)
+        empty = {e.entry for e, path in zip(self.entries, self.kept_parts(folder)) if path is None}
         updates = {"dataset_dir": str(folder), "media_dir": self.data_args.media_dir,
                    "dataset": ",".join(n for n in self.data_args.dataset if n not in empty)}  # fmt: skip
         if isinstance(self.args, dict):
