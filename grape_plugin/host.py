@@ -94,7 +94,7 @@ class BaseHost:
     whole."""
 
     where = "input"
-    log = log
+    log = logging.getLogger(__name__)  # where a run hears which selection it trains on
     inputs: Sequence[Input] = ()  # one per entry of the host's data (its own reading options in its context)
 
     def __init__(self, parts: Components):
