@@ -127,22 +127,25 @@ class BaseHost:
 
     def write(self, selection: Selection, folder: Path) -> dict[str, Path]:
         """``part_rows`` as JSON lines in ``part_file``, for every input that kept any row."""
-        picks, files = list(selection.picks_in_order(texts=True)), {}
-        for part in range(len(self.inputs)):
-            if kept := [(g, c) for g, c in picks if c.part == part]:
-                path = folder / self.part_file(part)
-                self.part_rows(part, kept).to_json(str(path), lines=True, force_ascii=False)
-                files[path.stem] = path
+        by_part: dict[int, list[tuple[Group, Candidate]]] = {}
+        for group, cand in selection.picks_in_order(texts=True):
+            by_part.setdefault(cand.part, []).append((group, cand))
+        files = {}
+        for part, kept in sorted(by_part.items()):
+            path = folder / self.part_file(part)
+            self.part_rows(part, kept).to_json(str(path), lines=True, force_ascii=False)
+            files[path.stem] = path
         return files
 
     def kept_parts(self, folder: Path) -> list[Optional[Path]]:
         """Each input's file in the selection ``folder``; None, with a warning, for an input none of whose candidates
         won: the run leaves it out."""
-        paths = [folder / self.part_file(part) for part in range(len(self.inputs))]
+        files = (folder / self.part_file(part) for part in range(len(self.inputs)))
+        paths = [path if path.is_file() else None for path in files]
         for inp, path in zip(self.inputs, paths):
-            if not path.is_file():
+            if path is None:
                 self.log.warning("%s: no candidate of it was selected; it is left out of the run", inp.context.file)
-        return [path if path.is_file() else None for path in paths]
+        return paths
 
     def is_writer(self) -> bool:
         from .distributed import rank_world
@@ -250,34 +253,43 @@ def write_folder(host: Host, selection: Selection, folder: Path) -> dict[str, Pa
 
 def prepare(host: Host) -> Prepared:
     """On every rank: make sure the host's selection exists, selecting it together if it does not."""
-    from .distributed import barrier, on_all_ranks
-    from .report import summary, summary_text
+    from .distributed import on_all_ranks
 
-    cfg = host.parts.cfg
     scorer = host.scorer()
-    inputs = key_inputs(cfg, scorer.identity, host.key_parts())
+    inputs = key_inputs(host.parts.cfg, scorer.identity, host.key_parts())
     key = selection_key(inputs)
     folder = host.folder(key)
-    prepared = Prepared(folder, True, read_manifest(folder))
-    if not on_all_ranks(prepared.manifest.get("key") == key):
-        host.log.info("GRAPE: selecting with %s (template %s) into %s", scorer.identity, cfg.template, folder)
-        selection = select_from(host, scorer)
-        if not selection.kept:
-            raise GrapeError(f"{host.where}: nothing was selected\n{summary_text(selection)}")
-        info = {"key": key, "summary": summary_text(selection), "report": summary(selection), "inputs": inputs}
-
-        def fill(staging: Path) -> None:
-            write_folder(host, selection, staging)
-            (staging / MANIFEST).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-
-        if host.is_writer():
-            host.publish(folder, fill)
-        barrier()
-        prepared = Prepared(folder, False, info)
+    done = read_manifest(folder)
+    if on_all_ranks(done.get("key") == key):
+        prepared = Prepared(folder, True, done)
+    else:
+        prepared = Prepared(folder, False, select_into(host, scorer, folder, key, inputs))
     if host.is_writer():
         host.log.info("GRAPE selection %s %s\n%s", "reused from" if prepared.reused else "written to", folder,
                       prepared.manifest["summary"])  # fmt: skip
     return prepared
+
+
+def select_into(host: Host, scorer: Scorer, folder: Path, key: str, inputs: Mapping[str, Any]) -> dict[str, Any]:
+    """On every rank: select, then publish ``folder`` (on the writers) with its manifest, which is returned: the
+    ``key``, the summary and report, and the ``inputs`` the key covers."""
+    from .distributed import barrier
+    from .report import summary, summary_text
+
+    host.log.info("GRAPE: selecting with %s (template %s) into %s", scorer.identity, host.parts.cfg.template, folder)
+    selection = select_from(host, scorer)
+    if not selection.kept:
+        raise GrapeError(f"{host.where}: nothing was selected\n{summary_text(selection)}")
+    info = {"key": key, "summary": summary_text(selection), "report": summary(selection), "inputs": inputs}
+
+    def fill(staging: Path) -> None:
+        write_folder(host, selection, staging)
+        (staging / MANIFEST).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    if host.is_writer():
+        host.publish(folder, fill)
+    barrier()
+    return info
 
 
 def output_folder(out: str | Path, sources: Iterable[Path]) -> Path:

@@ -211,7 +211,7 @@ class LlamaFactoryHost(BaseHost):
         files = super().write(selection, folder)
         info = {name: absolute_entry(entry, self.data_args.dataset_dir) for name, entry in self.info.items()}
         for part, name in enumerate(e.entry for e in self.entries):
-            if (path := folder / self.part_file(part)).is_file():
+            if (path := folder / self.part_file(part)) in files.values():
                 num = {"num_samples": n} if (n := self.info[name].get("num_samples")) is not None else {}
                 info[name] = {"file_name": path.name, **SHAREGPT_ENTRY, **num}
         (folder / DATA_CONFIG).write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
