@@ -31,7 +31,7 @@ def config_flag(name: str, field: FieldInfo) -> tuple[str, dict[str, Any]]:
 
 
 def add_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("data", help="JSON, JSONL, Parquet, CSV file or saved dataset folder")
+    parser.add_argument("data", help="JSON, JSONL, Parquet, CSV file, a folder of them, or a saved dataset folder")
     parser.add_argument("--config", help="YAML file with the same keys (a top-level grape: block is fine)")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write the score cache")
     for name, field in GrapeConfig.model_fields.items():

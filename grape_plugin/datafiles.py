@@ -58,12 +58,15 @@ def records_key(value: Any) -> Optional[str]:
 
 
 def read_dataset(path: str | Path, split: Optional[str] = None) -> Any:
-    """A ``datasets.Dataset`` of the file's rows; of a saved folder's ``split`` (default ``train``)."""
+    """A ``datasets.Dataset`` of the file's rows, of a folder's files, or of a saved dataset's ``split`` (default
+    ``train``)."""
     import datasets
 
     path = Path(path)
     if not path.exists():
         raise GrapeError(f"{path}: no such file or folder")
+    if path.is_dir() and not saved_dataset(path):
+        return read_folder(path, split)
     if path.is_dir():
         try:
             data = datasets.load_from_disk(str(path))
@@ -75,7 +78,7 @@ def read_dataset(path: str | Path, split: Optional[str] = None) -> Any:
     builder, (suffix, compression) = builder_of(path), file_kind(path)
     if builder is None:
         raise GrapeError(f"{path}: unsupported file type; expected {', '.join(BUILDERS)} (JSON and CSV also as "
-                         f"{', '.join(COMPRESSIONS)}) or a saved dataset folder")  # fmt: skip
+                         f"{', '.join(COMPRESSIONS)}), a folder of them or a saved dataset folder")  # fmt: skip
     if compression == ".zst" and importlib.util.find_spec("zstandard") is None:
         raise GrapeError(f"{path}: reading .zst files needs the zstandard package: pip install zstandard")
     if path.stat().st_size == 0:
@@ -87,6 +90,31 @@ def read_dataset(path: str | Path, split: Optional[str] = None) -> Any:
         raise GrapeError(f"{path}: the file has no rows")
     release_memory()  # converting the file to Arrow freed about as much as the file: give it back
     return data
+
+
+def saved_dataset(path: Path) -> bool:
+    """Whether the folder ``path`` is one that ``save_to_disk`` wrote (a dataset or a ``DatasetDict``)."""
+    return any((path / name).is_file() for name in ("state.json", "dataset_dict.json"))
+
+
+def folder_files(path: Path) -> list[Path]:
+    """The data files of a folder that is not a saved dataset (shards of one split, a LLaMA-Factory dataset folder),
+    in name order; hidden files are not data."""
+    files = sorted(f for f in path.iterdir() if not f.name.startswith("."))
+    if not files or not all(f.is_file() for f in files):
+        raise GrapeError(f"{path}: expected a folder of data files only, or a saved Hugging Face dataset")
+    return files
+
+
+def read_folder(path: Path, split: Optional[str]) -> Any:
+    """The rows of a folder's data files, one after the other."""
+    import datasets
+
+    parts = [read_dataset(f, split) for f in folder_files(path)]
+    try:
+        return datasets.concatenate_datasets(parts)
+    except ValueError as exc:
+        raise GrapeError(f"{path}: its files do not have the same columns ({exc})") from None
 
 
 def load_file(path: Path, builder: str, field: Optional[str] = None) -> Any:
@@ -217,7 +245,10 @@ def publish_folder(folder: Path, fill: Callable[[Path], None]) -> None:
 
 
 def write_dataset(data: Any, out_dir: Path, stem: str, like: Path) -> Path:
-    """Write ``data`` into ``out_dir`` in the same kind of file as ``like`` (JSONL for JSON input), uncompressed."""
+    """Write ``data`` into ``out_dir`` in the same kind of file as ``like`` (JSONL for JSON input; for a folder of
+    data files, its first), uncompressed."""
+    if like.is_dir() and not saved_dataset(like):
+        like = folder_files(like)[0]
     builder = builder_of(like) if like.is_file() else None  # written uncompressed
     if builder == "parquet":
         target = out_dir / f"{stem}.parquet"

@@ -68,8 +68,8 @@ class Entry(Format):
     name = "llamafactory"
     options = frozenset({"source_column", "candidates_column"})
 
-    def __init__(self, entry: str, attr: Any, files: list[str], convert: Any):
-        self.entry, self.attr, self.files, self.convert = entry, attr, files, convert
+    def __init__(self, entry: str, attr: Any, path: str, convert: Any):
+        self.entry, self.attr, self.path, self.convert = entry, attr, path, convert
 
     def expand(self, row: dict, i: int, col: Optional[str], ctx: Context) -> list[tuple[dict, Optional[int]]]:
         """The row itself, or one row per item of the candidates column (set as the entry's response)."""
@@ -115,9 +115,7 @@ class Entry(Format):
 
 
 def entry_input(name: str, attr: Any, cfg: GrapeConfig, data_args: Any) -> Input:
-    """A local entry's rows (a file, or a folder's files, as LLaMA-Factory lists them), read as that entry."""
-    from datasets import concatenate_datasets
-
+    """A local entry's rows (a file, or a folder of files), read as that entry."""
     where, path = (os.path.join(data_args.dataset_dir, n) for n in (DATA_CONFIG, attr.dataset_name))
     if attr.load_from != "file":
         raise GrapeError(f"{where}: dataset '{name}' loads from {attr.load_from}; GRAPE selection reads local files "
@@ -125,10 +123,9 @@ def entry_input(name: str, attr: Any, cfg: GrapeConfig, data_args: Any) -> Input
     if not os.path.exists(path):
         raise GrapeError(f"{where}: dataset '{name}': file_name {attr.dataset_name}: no such file in "
                          f"{data_args.dataset_dir}")  # fmt: skip
-    files = [os.path.join(path, f) for f in os.listdir(path)] if os.path.isdir(path) else [path]
-    rows = concatenate_datasets([read_dataset(f) for f in files])
-    entry = Entry(name, attr, files, compat.get_dataset_converter(attr.formatting, attr, data_args))
-    ctx = Context(files[0], list(rows.column_names), cfg)
+    rows = read_dataset(path)
+    entry = Entry(name, attr, path, compat.get_dataset_converter(attr.formatting, attr, data_args))
+    ctx = Context(path, list(rows.column_names), cfg)
     entry.check(ctx, None)
     return Input(rows, entry, ctx, data_args.max_samples)
 
@@ -322,7 +319,7 @@ def select(argv: list[str], out: str) -> str:
     host = plan(compat.read_args(argv))
     if host is None:
         raise GrapeError("nothing to select: no dataset of this run has a 'grape' key in its dataset_info.json entry")
-    target = output_folder(out, [Path(host.where), *(Path(f) for e in host.entries for f in e.files)])
+    target = output_folder(out, [Path(host.where), *(Path(e.path) for e in host.entries)])
     shutil.copytree(prepare(host).folder, target, dirs_exist_ok=True)
     args = host.redirect(target)
     if isinstance(args, list):
