@@ -738,7 +738,7 @@ class Input(NamedTuple):
     rows: Sequence[dict]  # read in order, then by index (a ``datasets.Dataset`` or a list)
     format: Format
     context: Context
-    limit: Optional[int] = None  # read only the first N instructions of this part (a host's max_samples)
+    limit: Optional[int] = None  # read the first N instructions of this part and keep N rows (a host's max_samples)
 
 
 class Read(NamedTuple):

@@ -24,6 +24,7 @@ from .config import GrapeConfig, default_cache_dir
 from .datafiles import pick_split, read_dataset, safe_filename
 from .errors import GrapeError, input_error
 from .formats import ADDED_RESPONSE, Context, Format, Input, detect_format, group_rows
+from .outlines import READING
 from .pipeline import run_groups
 from .records import Candidate, Draft, Group, Grouped, Reason, Selection
 from .render import Rendered, Renderer, labelled_span
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "selection.json"  # written last: a folder with it holds a whole selection
 LAYOUT = 2  # bump when what a selection folder holds changes
+PER_INPUT = set(READING) - {"min_candidates"}  # the options grouping reads from each input's own context
 UNKEYED_OPTIONS = {"cache_dir", "batch_tokens", "device", "keep_token_scores"}  # where, how fast, what is cached
 # options of the run, not of a host's GRAPE block: the scoring model is the model the run trains
 HOST_DECIDES = {
@@ -114,7 +116,10 @@ class BaseHost:
         raise GrapeError(f"{self.where}: template '{HOST_TEMPLATE}' is a host's own rendering; choose another template")
 
     def finish(self, selection: Selection) -> Selection:
-        return selection
+        """An input's ``limit`` caps its kept rows too, by whole instructions (``Reason.OVER_MAX_SAMPLES``), so that the
+        host's own cut (LLaMA-Factory's ``max_samples``) never splits one."""
+        limits = [i.limit for i in self.inputs]
+        return selection if limits.count(None) == len(limits) else selection.capped(limits, Reason.OVER_MAX_SAMPLES)
 
     def part_file(self, part: int) -> str:
         """The name of the file ``write`` gives input ``part``'s kept rows."""
@@ -171,12 +176,18 @@ class BaseHost:
         return configured(ModelSpec(name, tokenizer, identity, load, None, about), self.cfg)
 
     @staticmethod
-    def options(block: Any, defaults: Mapping[str, Any], where: str, hints: Mapping[str, str]) -> GrapeConfig:
-        """A host's GRAPE block (a mapping, or ``True``/``{}`` for the defaults) over the run's ``defaults``.
+    def options(block: Any, defaults: Mapping[str, Any], where: str, hints: Mapping[str, str],
+                limit: Optional[tuple[str, Optional[int]]] = None) -> Optional[GrapeConfig]:  # fmt: skip
+        """A host's GRAPE block (a mapping, or ``True``/``{}`` for the defaults) over the run's ``defaults``; None
+        when there is no block (``None`` or ``False``).
 
         The keys of ``HOST_DECIDES`` and ``hints`` are refused with the host's hint (where to set it instead, the
         host's words over the defaults); the template is ``train`` or a registered one, and every named plugin exists.
+        ``limit`` is the run's own length setting (name, value): a larger ``max_length`` is refused, since the run
+        would cut the longer winners it lets in.
         """
+        if block is None or block is False:
+            return None
         block = {} if block is True else block
         if not isinstance(block, dict):
             raise GrapeError(f"{where}: must be an object of GRAPE options (or true), got {type(block).__name__}")
@@ -192,6 +203,23 @@ class BaseHost:
             Components.of(cfg, host_template=True)
         except GrapeError as exc:
             raise GrapeError(f"{where}: {exc}") from None
+        name, most = limit or ("", None)
+        if most is not None and cfg.max_length is not None and cfg.max_length > most:
+            raise GrapeError(f"{where}: max_length {cfg.max_length} exceeds the run's {name} {most}; the run would cut "
+                             f"longer winners (lower max_length, or raise {name})")  # fmt: skip
+        return cfg
+
+    @staticmethod
+    def shared_options(options: Mapping[str, GrapeConfig], where: str) -> GrapeConfig:
+        """The one set of options of datasets selected together (grouped by prompt across them): theirs, which may
+        differ only in how each dataset reads (its ``Context``'s options: ``PER_INPUT``)."""
+        (first, cfg), *rest = options.items()
+        shared = [key for key in GrapeConfig.model_fields if key not in PER_INPUT]
+        for name, other in rest:
+            for key in (k for k in shared if getattr(other, k) != getattr(cfg, k)):
+                raise GrapeError(f"{where}: datasets '{first}' and '{name}' are selected together (candidates are "
+                                 f"grouped by prompt across them) but their GRAPE options differ in '{key}' "
+                                 f"({getattr(cfg, key)!r} vs {getattr(other, key)!r}); make them equal")  # fmt: skip
         return cfg
 
 

@@ -368,15 +368,15 @@ class Selection:
                 part = [(g, g.candidates[0]) for g in self.load([g.with_candidates((c,)) for g, c in part])]
             yield from part
 
-    def capped(self, limit: int, reason: Reason) -> "Selection":
-        """At most ``limit`` kept candidates from each input part, by whole instructions in the order of ``kept``: an
-        instruction that would pass the cap in a part is dropped whole, counted under ``reason``."""
+    def capped(self, limits: Sequence[Optional[int]], reason: Reason) -> "Selection":
+        """At most ``limits[part]`` kept candidates from each input part (None: no cap), by whole instructions in the
+        order of ``kept``: an instruction that would pass a part's cap is dropped whole, counted under ``reason``."""
         per_group: dict[str, Counter] = {}
         for group, cand in self.picks():
             per_group.setdefault(group.key, Counter())[cand.part] += 1
         rows, over = Counter(), []
         for key, parts in per_group.items():
-            if max((rows + parts).values()) > limit:
+            if any(limits[p] is not None and rows[p] + n > limits[p] for p, n in parts.items()):
                 over.append(key)
             else:
                 rows += parts

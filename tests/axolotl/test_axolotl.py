@@ -271,6 +271,7 @@ def test_an_entry_none_of_whose_candidates_won_is_left_out_with_a_warning(work: 
     [
         ({"top_kk": 2}, ["unknown key 'top_kk'", "expected one of", "top_k"]),
         ({"template": "trian"}, ["template 'trian' is not one of", "train"]),
+        ({"max_length": 4096}, [f"max_length 4096 exceeds the run's sequence_len {SEQUENCE_LEN}"]),
     ],
 )
 def test_bad_grape_options_fail_with_a_clear_message(work: Path, block: dict, expected: list[str]) -> None:

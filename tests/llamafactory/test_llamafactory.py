@@ -291,7 +291,7 @@ def test_an_existing_tokenized_path_skips_selection_with_a_warning(lf_model, tmp
         ({"candidates_column": "outputs"}, {}, "pool.json: --candidates-column outputs: no such column"),
         (None, {"stage": "pt"}, "GRAPE selects SFT data, but this run's stage is 'pt'"),
         ({"top_k": 2}, {}, "datasets 'pool' and 'dpo' are selected together (candidates are grouped by prompt across "
-                           "them) but their grape options differ in 'top_k' (2 vs 1); make them equal"),
+                           "them) but their GRAPE options differ in 'top_k' (2 vs 1); make them equal"),
     ],
 )
 def test_a_bad_option_fails_clearly(lf_model, tmp_path, capsys, grape, overrides, message):

@@ -21,13 +21,11 @@ HINTS = {"model": "the scoring model is the run's base_model (with its adapter, 
 
 def check_block(value: Any) -> dict[str, Any] | None:
     """The block as written (``true``: all defaults), once it reads as GRAPE options; None or false: no block."""
-    if value is None or value is False:
-        return None
     try:
-        BaseHost.options(value, {}, "grape", HINTS)
+        cfg = BaseHost.options(value, {}, "grape", HINTS)
     except GrapeError as exc:  # pydantic reports ValueErrors as validation errors
         raise ValueError(str(exc)) from None
-    return {} if value is True else dict(value)
+    return None if cfg is None else {} if value is True else dict(value)
 
 
 class GrapeArgs(BaseModel):

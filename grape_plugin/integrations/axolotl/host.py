@@ -82,7 +82,8 @@ class AxolotlHost(BaseHost):
         defaults = {"model": str(run.base_model), "max_length": run.sequence_len,
                     "over_length": "truncate" if run.excess_length_strategy == "truncate" else "drop",
                     "dtype": DTYPES.get(str(run.torch_dtype), "auto")}  # fmt: skip
-        super().__init__(Components.of(BaseHost.options(run.grape, defaults, "grape", HINTS), host_template=True))
+        cfg = BaseHost.options(run.grape, defaults, "grape", HINTS, ("sequence_len", run.sequence_len))
+        super().__init__(Components.of(cfg, host_template=True))
         # Axolotl calls the hook on every rank before torch.distributed exists: start it the way Axolotl will
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             compat.init_distributed_state()

@@ -46,19 +46,16 @@ SHAREGPT_ENTRY = {
 DATA_KEYS = ("template", "cutoff_len", "mask_history", "default_system", "tool_format", "enable_thinking",
              "max_samples")  # fmt: skip
 # ModelArguments that change the loaded model beyond its files; absent ones (other versions) read as None
-MODEL_KEYS = (
-    "quantization_bit", "quantization_method", "quantization_type", "double_quantization", "rope_scaling",
-    "flash_attn", "shift_attn", "mixture_of_depths", "use_unsloth", "upcast_layernorm", "upcast_lmhead_output",
-    "resize_vocab", "new_special_tokens", "add_tokens", "add_special_tokens", "train_from_scratch",
-)  # fmt: skip
-HINTS = {  # LLaMA-Factory's words for the options the run decides (grape_plugin.host.HOST_DECIDES), and more
-    "model": "the scoring model is the run's model_name_or_path (with adapter_name_or_path)",
-    "revision": "set model_revision in the training config",
-    "format": "the entry's formatting and columns say how rows read",
-    "response_column": "name the response column under the entry's columns",
-    "split": "an entry reads its files' rows; LLaMA-Factory's own \"split\" key is the entry's",
-}
-READING_KEYS = ("group_by", "source_column", "candidates_column", "on_bad_row")  # how one entry's rows read: may differ
+MODEL_KEYS = ("quantization_bit", "quantization_method", "quantization_type", "double_quantization", "rope_scaling",
+              "flash_attn", "shift_attn", "mixture_of_depths", "use_unsloth", "upcast_layernorm",
+              "upcast_lmhead_output", "resize_vocab", "new_special_tokens", "add_tokens", "add_special_tokens",
+              "train_from_scratch")  # fmt: skip
+# LLaMA-Factory's words for the options the run decides (grape_plugin.host.HOST_DECIDES), and more
+HINTS = {"model": "the scoring model is the run's model_name_or_path (with adapter_name_or_path)",
+         "revision": "set model_revision in the training config",
+         "format": "the entry's formatting and columns say how rows read",
+         "response_column": "name the response column under the entry's columns",
+         "split": "an entry reads its files' rows; LLaMA-Factory's own \"split\" key is the entry's"}  # fmt: skip
 
 
 class Entry(Format):
@@ -135,10 +132,9 @@ class TrainRenderer:
     template, fixed tokenizer, ``mask_history``, ``efficient_eos``, ...); the scored span is the last labelled run.
     A candidate is rendered whole; ``cut`` truncates it at ``cutoff_len`` as LLaMA-Factory does."""
 
-    def __init__(self, template: Any, tokenizer: Any, processor: Any, data_args: Any):
-        scoring = copy.copy(data_args)
-        scoring.train_on_prompt = False  # the labels then mark the responses only
-        whole = copy.copy(scoring)
+    def __init__(self, tokenizer: Any, processor: Any, template: Any, data_args: Any):
+        scoring, whole = copy.copy(data_args), copy.copy(data_args)
+        scoring.train_on_prompt = whole.train_on_prompt = False  # the labels then mark the responses only
         whole.cutoff_len = sys.maxsize
         self.whole, self.short = (compat.sft_encoder(template, tokenizer, processor, d) for d in (whole, scoring))
 
@@ -187,14 +183,7 @@ class LlamaFactoryHost(BaseHost):
                 "dataset_dir": os.path.abspath(d.dataset_dir), "data": {k: getattr(d, k, None) for k in DATA_KEYS}}
 
     def train_renderer(self, scorer: Scorer) -> TrainRenderer:
-        _, processor, template = self.tokenizer
-        return TrainRenderer(template, scorer.tokenizer, processor, self.data_args)
-
-    def finish(self, selection: Selection) -> Selection:
-        """Cap each entry at ``max_samples`` rows with whole instructions only, so LLaMA-Factory's own cut never
-        splits one."""
-        limit = self.data_args.max_samples
-        return selection if limit is None else selection.capped(limit, Reason.OVER_MAX_SAMPLES)
+        return TrainRenderer(*self.tokenizer, self.data_args)  # the scorer's tokenizer is self.tokenizer's
 
     def folder(self, key: str) -> Path:
         return Path(self.cfg.cache_dir or default_cache_dir()) / "llamafactory" / key
@@ -236,31 +225,6 @@ def absolute_entry(entry: dict[str, Any], dataset_dir: str) -> dict[str, Any]:
     return {**entry, **{key: os.path.abspath(path) for key, path in paths.items() if os.path.exists(path)}}
 
 
-def entry_config(raw: Any, where: str, cutoff_len: int) -> Optional[GrapeConfig]:
-    """An entry's ``grape`` value (``true`` or ``{}`` for the defaults), or None when absent or false. Defaults differ
-    from the CLI's: ``template: train`` and ``max_length: cutoff_len``, so a winner the run would cut is never picked
-    silently."""
-    if raw is None or raw is False:
-        return None
-    cfg = BaseHost.options(raw, {"max_length": cutoff_len}, where, HINTS)
-    if cfg.max_length is not None and cfg.max_length > cutoff_len:
-        raise GrapeError(f"{where}: max_length {cfg.max_length} exceeds the run's cutoff_len {cutoff_len}; "
-                         "LLaMA-Factory would truncate longer winners")  # fmt: skip
-    return cfg
-
-
-def shared_config(options: dict[str, GrapeConfig], where: str) -> GrapeConfig:
-    """The options of entries selected together (grouped by prompt across them): equal but for the reading keys."""
-    (first, cfg), *rest = options.items()
-    shared = [k for k in GrapeConfig.model_fields if k not in READING_KEYS]
-    for name, other in rest:
-        for k in (k for k in shared if getattr(other, k) != getattr(cfg, k)):
-            raise GrapeError(f"{where}: datasets '{first}' and '{name}' are selected together (candidates are grouped "
-                             f"by prompt across them) but their grape options differ in '{k}' ({getattr(cfg, k)!r} vs "
-                             f"{getattr(other, k)!r}); make them equal")  # fmt: skip
-    return cfg
-
-
 def plan(args: Any) -> Optional[LlamaFactoryHost]:
     """The run's grape entries as a host, validated; None when there are none (the run trains as it would anyway)."""
     m, d, t, f = compat.parse_train_args(args)
@@ -271,12 +235,13 @@ def plan(args: Any) -> Optional[LlamaFactoryHost]:
         info = json.loads(Path(info_path).read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise GrapeError(f"{info_path}: cannot read it: {exc}") from None
-    raw = {n: info[n].get("grape") for n in d.dataset or [] if isinstance(info.get(n), dict)}
-    where = {n: f"{info_path}: dataset '{n}': grape" for n in raw}
-    options = {n: c for n, r in raw.items() if (c := entry_config(r, where[n], d.cutoff_len))}
-    for name in d.eval_dataset or []:
-        if isinstance(info.get(name), dict) and info[name].get("grape"):
-            LOG.warning("eval dataset '%s' has a grape option: GRAPE selects training data; it is used as is", name)
+    grape = {n: info[n].get("grape") for n in d.dataset or [] if isinstance(info.get(n), dict)}
+    # the defaults differ from the CLI's (template: train too), so that a winner the run would cut is never picked
+    defaults, limit = {"max_length": d.cutoff_len}, ("cutoff_len", d.cutoff_len)
+    options = {n: c for n, g in grape.items()
+               if (c := BaseHost.options(g, defaults, f"{info_path}: dataset '{n}': grape", HINTS, limit))}
+    for name in (n for n in d.eval_dataset or [] if isinstance(info.get(n), dict) and info[n].get("grape")):
+        LOG.warning("eval dataset '%s' has a grape option: GRAPE selects training data; it is used as is", name)
     if not options:
         return None
     if f.stage != "sft":
@@ -288,7 +253,7 @@ def plan(args: Any) -> Optional[LlamaFactoryHost]:
         return None
     d.media_dir = os.path.abspath(d.media_dir)  # media paths are written absolute
     inputs = [entry_input(n, a, options[n], d) for n, a in zip(options, compat.get_dataset_list(list(options), info))]
-    return LlamaFactoryHost(args, (m, d, t, f), info, inputs, shared_config(options, info_path))
+    return LlamaFactoryHost(args, (m, d, t, f), info, inputs, BaseHost.shared_options(options, info_path))
 
 
 def selected(host: LlamaFactoryHost) -> Any:
