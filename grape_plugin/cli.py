@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from importlib import import_module
 from typing import Any, Callable, Literal, Optional, Sequence, Union, get_args, get_origin
 
 from pydantic.fields import FieldInfo
@@ -121,6 +122,45 @@ def cmd_export_model(args: argparse.Namespace) -> None:
     print(f"wrote {export_model(args.model, args.output)}")
 
 
+def host_commands(name: str, title: str, doc: str, flows: str) -> Callable[[Any], None]:
+    """The ``setup`` of ``grape-plugin NAME train|select`` for the training framework ``title``, described by ``doc``
+    (for ``grape_register_commands``).
+
+    ``flows`` names the module that runs them, imported only when one runs: its ``train(argv) -> int`` selects, then
+    trains, taking the framework's own ``train`` arguments unparsed; its ``select(argv, out) -> str`` writes the
+    selection to ``out`` and returns the command that trains on it.
+    """
+
+    def train(args: argparse.Namespace) -> int:
+        if not args.args or args.args[0] in ("-h", "--help"):
+            print(args.usage())
+            return 0
+        return import_module(flows).train(args.args)
+
+    def select(args: argparse.Namespace) -> None:
+        command = import_module(flows).select([args.config, *args.overrides], args.output)
+        print(f"selection written to {args.output}; train on it with:\n  {command}")
+
+    def setup(sub: Any) -> None:
+        raw = argparse.RawDescriptionHelpFormatter
+        host = sub.add_parser(name, help=f"{title}: train on the GRAPE selection of the run's data", description=doc,
+                              formatter_class=raw)  # fmt: skip
+        commands = host.add_subparsers(required=True)
+        # '+' prefix: every argument, --flags included, goes to the framework unparsed
+        run = commands.add_parser("train", prefix_chars="+", add_help=False, description=doc, formatter_class=raw,
+                                  help=f"select, then train ({title}'s own train arguments, torchrun included)",
+                                  usage="%(prog)s config.yaml [key=value ...]")  # fmt: skip
+        run.add_argument("args", nargs=argparse.REMAINDER, metavar="config.yaml [key=value ...]")
+        run.set_defaults(func=train, usage=run.format_help)
+        sel = commands.add_parser("select", help=f"write the selection for {title}'s own CLI to train on")
+        sel.add_argument("config", help="the training config (YAML or JSON)")
+        sel.add_argument("overrides", nargs="*", metavar="key=value", help=f"overrides, as {title}'s CLI takes them")
+        sel.add_argument("-o", "--output", required=True, help="folder for the selection (and a config using it)")
+        sel.set_defaults(func=select)
+
+    return setup
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="grape-plugin", description="GRAPE: keep the responses your base model fits best.")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
@@ -159,8 +199,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     args = parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    return guarded(lambda: args.func(args))
+    return logged(lambda: args.func(args), args.verbose)
+
+
+def logged(command: Callable[[], Optional[int]], verbose: bool = False) -> int:
+    """A command-line entry (``main``, a host's torchrun rank): logging to stderr, INFO with ``verbose`` (a host's
+    logger may say more), and the command's exit code (``guarded``)."""
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    return guarded(command)
 
 
 def guarded(command: Callable[[], Optional[int]]) -> int:

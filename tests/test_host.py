@@ -1,13 +1,17 @@
-"""What the core gives every host: its GRAPE block's options, datasets selected together, an input's row cap, and
-reading a folder of data files."""
+"""What the core gives every host: its GRAPE block's options, datasets selected together, an input's row cap, reading
+a folder of data files, and the ``train|select`` commands of a training framework."""
 
 from __future__ import annotations
 
+import sys
+import types
+
 import pytest
 
-from tests.helpers import pool_rows, write_jsonl
+from tests.helpers import pool_rows, registered, write_jsonl
 
-from grape_plugin import GrapeConfig, GrapeError
+from grape_plugin import GrapeConfig, GrapeError, hookimpl
+from grape_plugin.cli import host_commands, main
 from grape_plugin.datafiles import write_dataset
 from grape_plugin.host import BaseHost, Components, Context, Input, detect_format, read_dataset, select_from
 
@@ -86,3 +90,23 @@ def test_a_folder_of_data_files_reads_as_one_dataset(tmp_path):
     (folder / "more").mkdir()
     with pytest.raises(GrapeError, match="shards: expected a folder of data files only, or a saved Hugging Face"):
         read_dataset(folder)
+
+
+class ToyCommands:
+    @hookimpl
+    def grape_register_commands(self, register):
+        register("toy", host_commands("toy", "Toy", "Toy docs", "toy_flows"))
+
+
+def test_a_frameworks_commands_run_its_flows(monkeypatch, capsys):
+    calls = []
+    flows = types.ModuleType("toy_flows")
+    flows.train = lambda argv: calls.append(("train", argv)) or 3
+    flows.select = lambda argv, out: calls.append(("select", argv, out)) or f"toy train {out}/train.yaml"
+    monkeypatch.setitem(sys.modules, "toy_flows", flows)  # imported only when a command runs
+    with registered(ToyCommands(), "toy-commands"):
+        assert main(["toy", "train", "run.yaml", "--lr", "1e-5"]) == 3  # flags go to the framework unparsed
+        assert main(["toy", "select", "run.yaml", "epochs=1", "-o", "out"]) == 0
+        assert "train on it with:\n  toy train out/train.yaml" in capsys.readouterr().out
+        assert main(["toy", "train"]) == 0 and "Toy docs" in capsys.readouterr().out  # usage, no training
+    assert calls == [("train", ["run.yaml", "--lr", "1e-5"]), ("select", ["run.yaml", "epochs=1"], "out")]

@@ -12,6 +12,7 @@ Only the host and the commands import this module, when a LLaMA-Factory command 
 """
 
 import copy
+import subprocess
 import sys
 from typing import Any, Callable
 
@@ -78,11 +79,11 @@ def run_exp(args: Any) -> None:
     lf_run_exp(args)
 
 
-def launch(argv: list[str], rank_script: str, prepare: Callable[[Any], Any]) -> None:
+def launch(argv: list[str], rank_script: str, prepare: Callable[[Any], Any]) -> int:
     """``llamafactory-cli train argv`` as LLaMA-Factory's launcher runs it: under torchrun where it would (devices,
     ``FORCE_TORCHRUN``, ``NNODES``, ``RDZV_ID``, ...), with its command and environment, but every rank runs
     ``rank_script``; in one process, ``run_exp`` trains with ``prepare(args)``. As with ``llamafactory-cli``, the
-    arguments reach torchrun split on spaces."""
+    arguments reach torchrun split on spaces. The exit code: a failed rank has said why."""
     from llamafactory import launcher
     from llamafactory.train import tuner
 
@@ -91,5 +92,8 @@ def launch(argv: list[str], rank_script: str, prepare: Callable[[Any], Any]) -> 
     tuner.run_exp = lambda args=None, callbacks=None: saved[2](prepare(args or lf_read_args()), callbacks)
     try:
         launcher.launch()
+    except subprocess.CalledProcessError as exc:
+        return exc.returncode
     finally:
         sys.argv, launcher.__file__, tuner.run_exp = saved
+    return 0

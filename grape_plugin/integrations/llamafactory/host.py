@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 from functools import cached_property
 from itertools import chain
@@ -169,8 +168,7 @@ class LlamaFactoryHost(BaseHost):
         return loaded["tokenizer"], loaded["processor"], template
 
     def scorer(self) -> Scorer:
-        m, f, t = self.model_args, self.finetuning_args, self.training_args
-        tokenizer = self.tokenizer[0]
+        m, f, t, tokenizer = self.model_args, self.finetuning_args, self.training_args, self.tokenizer[0]
         weights = [(m.model_name_or_path, m.model_revision), *((n, None) for n in m.adapter_name_or_path or [])]
         settings = {"finetuning_type": f.finetuning_type, **{k: getattr(m, k, None) for k in MODEL_KEYS},
                     "dtype": f"bf16={t.bf16 or f.pure_bf16},fp16={t.fp16},infer={m.infer_dtype}"}  # fmt: skip
@@ -265,11 +263,7 @@ def selected(host: LlamaFactoryHost) -> Any:
 def train(argv: list[str]) -> int:
     """Select, then train, as ``llamafactory-cli train`` does: under torchrun where it would, every rank selecting."""
     host = plan(compat.read_args(argv))  # a bad option fails here, once, before any rank starts
-    try:
-        compat.launch(argv, RANK_SCRIPT, lambda args: selected(host) if host else args)
-    except subprocess.CalledProcessError as exc:  # a rank failed; it said why
-        return exc.returncode
-    return 0
+    return compat.launch(argv, RANK_SCRIPT, lambda args: selected(host) if host else args)
 
 
 def train_rank(argv: list[str]) -> None:
