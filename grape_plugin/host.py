@@ -105,6 +105,11 @@ class BaseHost:
     def read(self) -> Grouped:
         return group_rows(self.inputs, self.cfg.min_candidates)
 
+    def key_parts(self) -> Mapping[str, Any]:
+        """The inputs' rows (``datasets`` fingerprints: the files and their modification times); a host adds the
+        settings of its own that shape a candidate's tokens."""
+        return {"rows": [i.rows._fingerprint for i in self.inputs]}
+
     def scorer(self) -> Scorer:
         return self.parts.make_scorer()
 

@@ -58,9 +58,6 @@ class TwoFiles(BaseHost):
         ctx = Context(str(path), list(rows.column_names), self.cfg)
         return Input(rows, detect_format(ctx, self.parts.formats, rows), ctx, limit)
 
-    def key_parts(self):
-        return {}
-
 
 def test_an_inputs_limit_caps_its_kept_rows_by_whole_instructions(tmp_path, tiny_model):
     rows = pool_rows(8)
@@ -72,6 +69,16 @@ def test_an_inputs_limit_caps_its_kept_rows_by_whole_instructions(tmp_path, tiny
     assert kept.count(0) == 2 and kept.count(1) == 8  # the second file: no limit, its 4 instructions kept
     assert selection.drops.as_dict()["instructions"]["over_max_samples"] == 2
     assert selection.drops.as_dict()["candidates"]["over_max_samples"] == 4
+
+
+def test_a_hosts_selection_key_covers_its_inputs_rows(tmp_path, tiny_model):
+    rows = pool_rows(4)
+    paths = [write_jsonl(tmp_path / f"{n}.jsonl", rows[n * 16 : n * 16 + 16]) for n in (0, 1)]
+    parts = Components.of(GrapeConfig(model=str(tiny_model), cache_dir=None))
+    first = TwoFiles(parts, paths, limit=3).key_parts()
+    assert TwoFiles(parts, paths, limit=3).key_parts() == first
+    write_jsonl(paths[1], rows[16:24])
+    assert TwoFiles(parts, paths, limit=3).key_parts() != first
 
 
 def test_a_folder_of_data_files_reads_as_one_dataset(tmp_path):

@@ -97,8 +97,8 @@ class AxolotlHost(BaseHost):
         return self.model_scorer("axolotl", tokenizer, weights, settings, lambda: compat.load_model(run, tokenizer))
 
     def key_parts(self) -> dict[str, Any]:
-        datasets = [{"entry": dict(e), "rows": i.rows._fingerprint} for e, i in zip(self.run.datasets, self.inputs)]
-        return {"axolotl": {k: self.run.get(k) for k in TOKENIZING_KEYS}, "datasets": datasets}
+        axolotl = {k: self.run.get(k) for k in TOKENIZING_KEYS}
+        return {**super().key_parts(), "axolotl": axolotl, "datasets": [dict(e) for e in self.run.datasets]}
 
     def train_renderer(self, scorer: Scorer) -> Renderer:
         """``template: train``: each candidate's training row through its entry's prompt strategy."""

@@ -176,8 +176,8 @@ class LlamaFactoryHost(BaseHost):
                                  lambda: compat.load_model(tokenizer, copy.deepcopy(m), f, is_trainable=False))
 
     def key_parts(self) -> Mapping[str, Any]:
-        d, rows = self.data_args, [i.rows._fingerprint for i in self.inputs]
-        return {"llamafactory": compat.VERSION, "info": self.info, "rows": rows, "media_dir": d.media_dir,
+        d = self.data_args
+        return {**super().key_parts(), "llamafactory": compat.VERSION, "info": self.info, "media_dir": d.media_dir,
                 "dataset_dir": os.path.abspath(d.dataset_dir), "data": {k: getattr(d, k, None) for k in DATA_KEYS}}
 
     def train_renderer(self, scorer: Scorer) -> TrainRenderer:
