@@ -65,9 +65,9 @@ def read_dataset(path: str | Path, split: Optional[str] = None) -> Any:
     path = Path(path)
     if not path.exists():
         raise GrapeError(f"{path}: no such file or folder")
-    if path.is_dir() and not saved_dataset(path):
-        return read_folder(path, split)
     if path.is_dir():
+        if not saved_dataset(path):
+            return read_folder(path, split)
         try:
             data = datasets.load_from_disk(str(path))
         except (FileNotFoundError, ValueError) as exc:

@@ -91,9 +91,9 @@ class Host(Protocol):
 
 
 class BaseHost:
-    """Defaults for a host: its ``inputs`` grouped across them, the configured scorer and template, no caps, each
-    input's kept rows in a file of its own (``kept_parts`` says which the run keeps), rank 0 writes, folders appear
-    whole."""
+    """Defaults for a host: its ``inputs`` grouped across them and keyed on their rows, the configured scorer and
+    template, each input's ``limit`` as a cap on its kept rows, each input's kept rows in a file of its own
+    (``kept_parts`` says which the run keeps), rank 0 writes, folders appear whole."""
 
     where = "input"
     log = logging.getLogger(__name__)  # where a run hears which selection it trains on
@@ -124,7 +124,7 @@ class BaseHost:
         """An input's ``limit`` caps its kept rows too, by whole instructions (``Reason.OVER_MAX_SAMPLES``), so that the
         host's own cut (LLaMA-Factory's ``max_samples``) never splits one."""
         limits = [i.limit for i in self.inputs]
-        return selection if limits.count(None) == len(limits) else selection.capped(limits, Reason.OVER_MAX_SAMPLES)
+        return selection if all(n is None for n in limits) else selection.capped(limits, Reason.OVER_MAX_SAMPLES)
 
     def part_file(self, part: int) -> str:
         """The name of the file ``write`` gives input ``part``'s kept rows."""
